@@ -279,16 +279,17 @@ def make_questions(w: World, split: str, n: int, rng: random.Random, mix=(('brid
                                {'type': typ, 'template': fn.__name__[3:], 'supporting': support, 'split': split}))
     return out
 
-# %% ../nbs/02a_world.ipynb #31589418
-@dataclass
+# %% ../nbs/02a_world.ipynb #b92a81a2
+@dataclass(repr=False)
 class WorldBenchmark:
     "The generated benchmark: passages for the corpus, and train/test questions."
     seed: int; passages: list; train: list; test: list; worlds: dict
 
-    def _repr_markdown_(self):
+    def __repr__(self):
         c = lambda xs: dict(Counter(e.meta['type'] for e in xs))
-        return (f"**World benchmark** (seed {self.seed}): {len(self.passages)} passages, "
+        return (f"World benchmark (seed {self.seed}): {len(self.passages)} passages, "
                 f"{len(self.train)} train questions {c(self.train)}, {len(self.test)} test questions {c(self.test)}")
+    def _repr_markdown_(self): return '**' + repr(self).replace(':', ':**', 1)
 
 # %% ../nbs/02a_world.ipynb #5d67b476
 def make_world_benchmark(seed: int = 0,              # everything is a function of this seed
