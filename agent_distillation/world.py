@@ -12,8 +12,9 @@ from .core import Example
 # %% auto #0
 __all__ = ['FIRST_NAMES', 'COUNTRIES', 'ORG_KINDS', 'CREATOR_OF', 'VERB_OF', 'ROLE_OF', 'TEMPLATES', 'Place', 'Person',
            'Organisation', 'Work', 'World', 'build_world', 'person_passage', 'place_passage', 'org_passage',
-           'work_passage', 'Passage', 'world_passages', 'make_questions', 'WorldBenchmark', 'make_world_benchmark',
-           'question_entities', 'split_overlap', 'name_overlap']
+           'work_passage', 'Passage', 'world_passages', 'make_questions', 'real_vocabulary', 'WorldBenchmark',
+           'make_world_benchmark', 'question_entities', 'split_overlap', 'name_overlap', 'world_corpus',
+           'world_retriever', 'single_hop_query', 'hop_recall']
 
 # %% ../nbs/02a_world.ipynb #33f983a3
 @dataclass
@@ -279,7 +280,17 @@ def make_questions(w: World, split: str, n: int, rng: random.Random, mix=(('brid
                                {'type': typ, 'template': fn.__name__[3:], 'supporting': support, 'split': split}))
     return out
 
-# %% ../nbs/02a_world.ipynb #b92a81a2
+# %% ../nbs/02a_world.ipynb #2ab2f565
+_VOCAB = None
+def real_vocabulary() -> set[str]:
+    "Lower-cased words of the offline Wikipedia paragraphs (computed once)."
+    global _VOCAB
+    if _VOCAB is None:
+        from agent_distillation.retriever import Corpus
+        _VOCAB = {w for p in Corpus.wikipedia_offline() for w in re.findall(r'[a-z]+', (p.title + ' ' + p.text).lower())}
+    return _VOCAB
+
+# %% ../nbs/02a_world.ipynb #e73d1c51
 @dataclass(repr=False)
 class WorldBenchmark:
     "The generated benchmark: passages for the corpus, and train/test questions."
@@ -291,21 +302,21 @@ class WorldBenchmark:
                 f"{len(self.train)} train questions {c(self.train)}, {len(self.test)} test questions {c(self.test)}")
     def _repr_markdown_(self): return '**' + repr(self).replace(':', ':**', 1)
 
-# %% ../nbs/02a_world.ipynb #5d67b476
+# %% ../nbs/02a_world.ipynb #937722bb
 def make_world_benchmark(seed: int = 0,              # everything is a function of this seed
                          n_train: int = 1200,        # train questions (teacher trajectories)
                          n_test: int = 400,          # test questions (entities disjoint from train)
-                         banned_words: set = frozenset(),  # words that must not occur in names (e.g. the real corpus vocabulary)
+                         banned_words: set | None = None,  # words names must avoid (default: the offline Wikipedia's vocabulary)
                         ) -> WorldBenchmark:
     "Generate the retrievable-knowledge benchmark deterministically from `seed`."
     rng = random.Random(seed)
-    namer = _Namer(rng, banned_words)
+    namer = _Namer(rng, real_vocabulary() if banned_words is None else banned_words)
     worlds = {'train': build_world('train', rng, namer, 90, 200, 320), 'test': build_world('test', rng, namer, 45, 90, 150)}
     passages = [p for s, w in worlds.items() for p in world_passages(w, seed)]
     qs = {s: make_questions(worlds[s], s, n, random.Random(f'{seed}-{s}')) for s, n in (('train', n_train), ('test', n_test))}
     return WorldBenchmark(seed, passages, qs['train'], qs['test'], worlds)
 
-# %% ../nbs/02a_world.ipynb #35a3794d
+# %% ../nbs/02a_world.ipynb #91abaaec
 def question_entities(e: Example) -> set[str]:
     "Entity ids a question touches."
     return set(e.meta['supporting'])
@@ -318,3 +329,30 @@ def name_overlap(wb: WorldBenchmark) -> set[str]:
     "Names shared by the train and test worlds (should be empty)."
     names = lambda w: {x.name for x in [*w.places.values(), *w.people.values(), *w.orgs.values()]} | {x.title for x in w.works.values()}
     return names(wb.worlds['train']) & names(wb.worlds['test'])
+
+# %% ../nbs/02a_world.ipynb #7e5dcb6e
+def world_corpus(wb: WorldBenchmark):
+    "The offline Wikipedia paragraphs plus the world's passages, as one `Corpus`."
+    from agent_distillation.retriever import Corpus
+    return Corpus.wikipedia_offline() + Corpus(wb.passages, name=f'world-{wb.seed}')
+
+def world_retriever(wb: WorldBenchmark, **kw):
+    "Cached BM25 over `world_corpus(wb)`."
+    from agent_distillation.retriever import wikipedia_retriever
+    return wikipedia_retriever(extra=wb.passages, **kw)
+
+# %% ../nbs/02a_world.ipynb #9c7b5487
+def single_hop_query(w: World, id: str) -> str:
+    "A query written from the gold fact that a passage supports."
+    e = w.entity(id)
+    if isinstance(e, Organisation): return f"founder of {e.name}"
+    if isinstance(e, Person): return f"{e.name} born"
+    if isinstance(e, Place): return f"{e.name} population"
+    return f"{e.title} {e.kind}"
+
+def hop_recall(wb: WorldBenchmark, retriever, split: str = 'test', k: int = 3) -> float:
+    "Fraction of supporting passages found in the top-k by their single-hop query."
+    w, pairs = wb.worlds[split], [(i, q) for e in getattr(wb, split) for i in e.meta['supporting'] for q in [None]]
+    queries = [single_hop_query(w, i) for i, _ in pairs]
+    hits = retriever.search_batch(queries, k)
+    return sum(i in {h.id for h in hs} for (i, _), hs in zip(pairs, hits)) / len(pairs)
