@@ -17,7 +17,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']),
     include_package_data=True, zip_safe=False,
     install_requires=req('requirements'),
-    extras_require={'dev': req('dev_requirements'), 'serve': req('serve_requirements')},
+    extras_require={'dev': req('dev_requirements'), 'serve': req('serve_requirements'), 'bench': req('bench_requirements')},
     entry_points={'console_scripts': req('console_scripts'), 'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     keywords=cfg['keywords'],
     classifiers=['Programming Language :: Python :: 3', 'License :: OSI Approved :: Apache Software License'],
