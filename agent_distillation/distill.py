@@ -265,7 +265,7 @@ class _SFTTrainer(Trainer):
         if self.trained_logits_only: inputs = {**inputs, 'logits_to_keep': _next_token_positions(inputs['labels'])}
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
-# %% ../nbs/09_distill.ipynb #c990bb6c
+# %% ../nbs/09_distill.ipynb #ce7af948
 class _LogCallback(TrainerCallback):
     "Appends step, loss, lr, tokens and seconds to train_log.jsonl at every logging step."
     def __init__(self, path, trainer_ref: list):
@@ -279,10 +279,12 @@ class _LogCallback(TrainerCallback):
                                                              from_step=state.global_step))
         self.t0 = time.time()
     def on_log(self, args, state, control, logs=None, **kw):
-        if not state.is_world_process_zero or 'loss' not in (logs or {}): return
+        if 'loss' not in (logs or {}): return
+        tr = self.ref[0]  # every process logs the same steps, so all can join the sum of their token counts
+        tokens = tr.real_tokens if args.world_size == 1 else int(tr.accelerator.reduce(torch.tensor(tr.real_tokens, device=args.device), 'sum'))
+        if not state.is_world_process_zero: return
         append_jsonl(self.path, dict(step=state.global_step, epoch=round(state.epoch or 0, 4), loss=round(logs['loss'], 5),
-                                     lr=logs.get('learning_rate'), grad_norm=logs.get('grad_norm'),
-                                     tokens=self.tokens0 + self.ref[0].real_tokens * args.world_size,  # real tokens, all devices
+                                     lr=logs.get('learning_rate'), grad_norm=logs.get('grad_norm'), tokens=self.tokens0 + tokens,
                                      seconds=round(self.secs0 + time.time() - self.t0, 2)))
 
 # %% ../nbs/09_distill.ipynb #3fdb0167
@@ -299,7 +301,7 @@ def plot_loss(out_dir, smooth: int = 5):
     ax.set_title(Path(out_dir).name); fig.tight_layout()
     fig.savefig(Path(out_dir)/'loss.png'); return Path(out_dir)/'loss.png'
 
-# %% ../nbs/09_distill.ipynb #f039e7ac
+# %% ../nbs/09_distill.ipynb #2224367d
 def _dataset_sha(data: list[dict]) -> str:
     "A short sha256 of the tokenized examples (ids and labels)."
     h = hashlib.sha256()
@@ -314,7 +316,7 @@ def _last_checkpoint(out: Path) -> str | None:
     "The newest complete checkpoint-N folder of a run (one a kill interrupted while saving is removed), if any."
     cks = sorted(out.glob('checkpoint-*'), key=lambda p: int(p.name.split('-')[1]))
     for p in cks:  # the Trainer writes trainer_state.json last: without it, the save never finished
-        if not (p/'trainer_state.json').exists(): shutil.rmtree(p)
+        if not (p/'trainer_state.json').exists(): shutil.rmtree(p, ignore_errors=True)
     done = [p for p in cks if p.exists()]
     return str(done[-1]) if done else None
 
@@ -335,7 +337,7 @@ class TrainResult:
                 f"{self.first_loss:.3f} → {self.final_loss:.3f}, {self.tokens:,} tokens in {self.train_s:.0f}s "
                 f"({self.tokens_per_s:.0f} tokens/s, {self.sessions} session{'s' * (self.sessions > 1)})")
 
-# %% ../nbs/09_distill.ipynb #837ddd0d
+# %% ../nbs/09_distill.ipynb #067b0fc7
 def _training_args(cfg: TrainConfig, accum: int):
     "transformers `TrainingArguments` for a `TrainConfig`."
     from transformers import TrainingArguments
@@ -345,7 +347,8 @@ def _training_args(cfg: TrainConfig, accum: int):
         warmup_steps=cfg.warmup, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
         logging_steps=1, save_strategy='steps', save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
         seed=cfg.seed, data_seed=cfg.seed, report_to='none', remove_unused_columns=False, dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=False, bf16=False, fp16=False,
+        dataloader_pin_memory=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),  # CPU: also gloo multi-process
+        disable_tqdm=False, bf16=False, fp16=False,
         **{_CKPT_ARG: True} if cfg.gradient_checkpointing else {})
 
 from dataclasses import fields as _fields
@@ -423,7 +426,7 @@ def _make_trainer(base, data, lora, cfg: TrainConfig, tokenizer=None) -> _SFTTra
     ref.append(trainer)
     return trainer
 
-# %% ../nbs/09_distill.ipynb #39dfd9c6
+# %% ../nbs/09_distill.ipynb #d2a096e9
 def train_student(base: str,                       # registry name, local folder or hub id of the student
                   dataset,                         # examples from `build_sft_dataset` / `build_cot_dataset` (input_ids, labels)
                   lora=None,                       # a peft `LoraConfig` (default: `default_lora()`, the paper's)
@@ -436,7 +439,7 @@ def train_student(base: str,                       # registry name, local folder
     if cfg.batching not in ('grouped', 'packed', 'padded'): raise ValueError(f"batching must be grouped, packed or padded, got {cfg.batching!r}")
     data = [{'input_ids': list(e['input_ids']), 'labels': list(e['labels'])} for e in dataset]
     out = Path(cfg.out_dir); out.mkdir(parents=True, exist_ok=True)
-    if not resume: _fresh_start(out)
+    if not resume and int(os.environ.get('RANK', 0)) == 0: _fresh_start(out)
     elif _finished(out, base, cfg, data): return TrainResult.load(out)
     threads = torch.get_num_threads()
     try:
@@ -446,6 +449,7 @@ def train_student(base: str,                       # registry name, local folder
             trainer.train(resume_from_checkpoint=_last_checkpoint(out) if resume else None)
     finally: torch.set_num_threads(threads)
     if trainer.is_world_process_zero(): _save_run(trainer.model, base, lora, cfg, data, trainer.args.gradient_accumulation_steps, trainer.args.world_size, out)
+    trainer.accelerator.wait_for_everyone()
     return TrainResult.load(out)
 
 # %% ../nbs/09_distill.ipynb #7613b4ed
@@ -501,7 +505,7 @@ def write_accelerate_config(path, kind: str = 'multi_gpu', num_processes: int = 
     path.write_text(yaml.safe_dump(dict(ACCELERATE_CONFIGS[kind], num_processes=num_processes), sort_keys=False))
     return path
 
-# %% ../nbs/09_distill.ipynb #3c80f7fa
+# %% ../nbs/09_distill.ipynb #455d849d
 def train_from_jsonl(records: str,                  # teacher JSONL file(s), comma-separated
                      out_dir: str = 'runs/cpu/student',  # run folder
                      base: str = 'smollm2-135m-instruct',  # student (registry name, folder or hub id)
@@ -513,8 +517,8 @@ def train_from_jsonl(records: str,                  # teacher JSONL file(s), com
                      micro_batch_size: int = 1,     # sequences per forward pass per device
                      batching: str = 'grouped',     # 'grouped', 'packed' or 'padded'
                      max_steps: int = -1,           # stop early (-1: all epochs)
-                     r: int = 64,                   # LoRA rank (paper: 64)
-                     alpha: int = 128,              # LoRA alpha (paper: 128)
+                     lora_r: int = 64,              # LoRA rank (paper: 64)
+                     lora_alpha: int = 128,         # LoRA alpha (paper: 128)
                      seed: int = 0) -> TrainResult:
     "Build the SFT dataset from teacher JSONL files and train the student on it (resumable)."
     from agent_distillation.registry import load_tokenizer
@@ -527,7 +531,7 @@ def train_from_jsonl(records: str,                  # teacher JSONL file(s), com
     print(f'{kind} SFT data: {dict(stats)}')
     cfg = TrainConfig(out_dir=out_dir, epochs=epochs, lr=lr, batch_size=batch_size, micro_batch_size=micro_batch_size,
                       batching=batching, max_steps=max_steps, seed=seed)
-    return train_student(base, data, lora=default_lora(r=r, lora_alpha=alpha), config=cfg, tokenizer=tok)
+    return train_student(base, data, lora=default_lora(r=lora_r, lora_alpha=lora_alpha), config=cfg, tokenizer=tok)
 
 # %% ../nbs/09_distill.ipynb #d870ea9c
 def main(argv: list[str] | None = None):
@@ -558,30 +562,32 @@ def _step(model, opt, batch, logits_only: bool = True) -> float:
     sft_loss(model(**inputs), batch['labels']).backward(); opt.step(); opt.zero_grad(set_to_none=True)
     return time.perf_counter() - t0
 
-# %% ../nbs/09_distill.ipynb #df4165c7
+# %% ../nbs/09_distill.ipynb #e0c16045
 def bench_batching(base: str = 'smollm2-135m-instruct',  # the student
-                   n: int = 12,                 # trajectories (synthetic unless `records` are given)
+                   n: int = 8,                  # trajectories (synthetic unless `records` are given)
                    micro_batch_size: int = 4,   # sequences per forward pass for the batched layouts
-                   max_len: int = 1024,         # tokens per example (4 x 1024 padded tokens peak at about 10 GB)
-                   extra_steps: int = 3,        # synthetic: up to this many extra searches (spreads the lengths)
+                   max_len: int = 2048,         # tokens per example
+                   extra_steps: int = 6,        # synthetic: up to this many extra searches (spreads the lengths)
                    records=None,                # teacher trajectory records to use instead
                    threads: int | None = None,  # torch CPU threads (None: torch's default)
+                   checkpointing: bool = True,  # recompute activations in backward (4 x 2048 tokens fit in a few GB)
                    seed: int = 0) -> dict:
     "Real training tokens/s of naive padded vs grouped vs packed batches vs one sequence per pass, in one run."
     from peft import get_peft_model
     from agent_distillation.registry import load_model, load_tokenizer
     prev = torch.get_num_threads()
     if threads: torch.set_num_threads(threads)
-    try: return _bench_batching(base, n, micro_batch_size, max_len, extra_steps, records, seed)
+    try: return _bench_batching(base, n, micro_batch_size, max_len, extra_steps, records, checkpointing, seed)
     finally: torch.set_num_threads(prev)
 
-def _bench_batching(base, n, micro_batch_size, max_len, extra_steps, records, seed) -> dict:
+def _bench_batching(base, n, micro_batch_size, max_len, extra_steps, records, checkpointing, seed) -> dict:
     from peft import get_peft_model
     from agent_distillation.registry import load_model, load_tokenizer
     tok = load_tokenizer(base)
     data, _ = build_sft_dataset(tok, records or synthetic_trajectories(n, seed, extra_steps), max_len)
     seed_everything(seed)
     model = load_model(base); model.config.use_cache = False
+    if checkpointing: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
     model = get_peft_model(model, default_lora()).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     lay = _layouts(data, micro_batch_size, tok.pad_token_id, seed)
@@ -593,7 +599,8 @@ def _bench_batching(base, n, micro_batch_size, max_len, extra_steps, records, se
             for b, real, keep in batches[r * k:(r + 1) * k]:
                 secs[name] += _step(model, opt, b, keep); toks[name] += real; computed[name] += b['input_ids'].numel()
     return _bench_table(secs, toks, computed, dict(base=base, examples=len(data), micro_batch_size=micro_batch_size,
-                                                   threads=torch.get_num_threads(), lengths=sorted(len(e['input_ids']) for e in data)))
+                                                   threads=torch.get_num_threads(), checkpointing=checkpointing,
+                                                   lengths=sorted(len(e['input_ids']) for e in data)))
 
 def _bench_table(secs, toks, computed, info) -> dict:
     "Print the benchmark table and return its numbers."

@@ -387,13 +387,23 @@ def free_port(host: str = '127.0.0.1') -> int:
         s.bind((host, 0)); return s.getsockname()[1]
 
 def llama_server_backend(binary: str | None = None) -> str | None:
-    "'python' if llama-cpp-python's server is installed, else a `llama-server` binary path, else None."
+    "A `llama-server` binary (`binary`, else $LLAMA_SERVER, else on PATH), else 'python' if llama-cpp-python's server is installed, else None."
     import importlib.util
-    if binary: return binary
+    if binary or os.environ.get('LLAMA_SERVER') or shutil.which('llama-server'):  # the binary has parallel slots: prefer it
+        found = binary or os.environ.get('LLAMA_SERVER') or shutil.which('llama-server')
+        if not os.access(found, os.X_OK): raise FileNotFoundError(f'llama-server binary {found!r} is not an executable file')
+        return str(Path(found).resolve())
     if importlib.util.find_spec('llama_cpp') and importlib.util.find_spec('uvicorn') and importlib.util.find_spec('sse_starlette'): return 'python'
-    return os.environ.get('LLAMA_SERVER') or shutil.which('llama-server')
+    return None
 
 # %% ../nbs/04_models.ipynb #aba7227a
+def _die_with_parent():
+    "In the child before exec (Linux): receive SIGTERM when the parent dies, so a killed run leaves no server behind."
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, 15)  # PR_SET_PDEATHSIG, SIGTERM
+    except Exception: pass  # not Linux: the context manager still stops the server
+
 class LlamaServer:
     "llama.cpp's OpenAI-compatible server for a GGUF model on loopback, as a context manager."
     def __init__(self, gguf,                       # a GGUF file or a registry name
@@ -434,7 +444,7 @@ def start(self: LlamaServer) -> LlamaServer:
     self.port = self.port or free_port(self.host)
     self.log = tempfile.NamedTemporaryFile('w+b', prefix='llama-server-', suffix='.log', delete=False)
     self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 start_new_session=True)
+                                 start_new_session=True, preexec_fn=_die_with_parent)
     deadline = time.time() + self.ready_timeout
     while time.time() < deadline:
         if self.proc.poll() is not None: break
