@@ -161,8 +161,10 @@ class CodeAgent:
                  sag: bool = False,         # self-consistent action generation (see `voting`)
                  n: int = 8,                # SAG: candidates per step (paper: 8)
                  sag_temperature: float = 0.4,  # SAG sampling (paper: 0.4, top-p 0.8)
-                 sag_top_p: float = 0.8):
+                 sag_top_p: float = 0.8,
+                 step_prefix: str | None = None):  # every turn starts with this (e.g. 'Thought:') unless a first-thought prefix is given
         self.lm, self.sandbox, self.max_steps, self.student = lm, sandbox, max_steps, student
+        self.step_prefix = step_prefix
         self.sag, self.n, self.sag_temperature, self.sag_top_p = sag, n, sag_temperature, sag_top_p
         self.tools = tools if tools is not None else getattr(sandbox, 'tools', None)
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
@@ -215,11 +217,11 @@ def run(self: CodeAgent, question: str, domain: str = 'fact', prefix: str | None
     traj = Trajectory(question, domain, id=id, gold=gold, prefix=prefix,
                       messages=agent_messages(question, domain, self.tools, self.student, self.imports))
     for i in range(self.max_steps):
-        self._record(traj, *self.act(traj.messages, prefix if i == 0 else None))
+        self._record(traj, *self.act(traj.messages, (prefix if i == 0 else None) or self.step_prefix))
         if traj.answered: break
     if not traj.answered:
         traj.messages[-1]['content'] += '\n\n' + FORCE_FINAL
-        step, result = self.act(traj.messages)
+        step, result = self.act(traj.messages, self.step_prefix)
         step.forced = True
         self._record(traj, step, result)
     traj.wall_s = time.time() - t0

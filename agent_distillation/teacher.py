@@ -130,6 +130,7 @@ class TeacherRunConfig:
     chunk: int = 40             # questions per round of CoT / agent / agent+FTP
     max_steps: int = 5          # paper: 5
     max_new_tokens: int = 512   # per agent step (paper: 1024)
+    step_prefix: str = 'Thought:'  # every agent turn starts with it: keeps the teacher in the format (see below)
     cot_max_new_tokens: int = 768
     n_ctx: int = 8192           # context per slot
     threads: int | None = None  # llama.cpp threads (default: all cores)
@@ -191,7 +192,7 @@ def run_teacher(cfg: TeacherRunConfig = TeacherRunConfig()) -> dict:
         lm = OpenAILM(srv.base_url, srv.model, tokenizer=cfg.model, max_concurrency=cfg.workers)
         info = dict(server='llama.cpp ' + ('llama-server' if srv.backend != 'python' else 'llama-cpp-python'),
                     parallel_slots=cfg.workers, n_ctx_per_slot=cfg.n_ctx, gguf=srv.gguf.name)
-        agent_kw = dict(max_steps=cfg.max_steps, max_new_tokens=cfg.max_new_tokens)
+        agent_kw = dict(max_steps=cfg.max_steps, max_new_tokens=cfg.max_new_tokens, step_prefix=cfg.step_prefix)
         def record():  # after every phase, so an interrupted run still says what it did
             session.update(end=datetime.datetime.now().isoformat(timespec='seconds'), wall_s=round(time.time() - t0, 1))
             save_json(out/'provenance.json', prov := _provenance(cfg, info, session))
