@@ -170,12 +170,22 @@ def cot_messages(question: str, domain: str = 'fact', context: str | None = None
     return [{'role': 'system', 'content': COT_SYSTEM[domain]}, {'role': 'user', 'content': user}]
 
 # %% ../nbs/05_prompts.ipynb #7d2c948a
-def first_thought_prefix(cot_text: str, max_chars: int = 600) -> str:
-    "`Thought: ` + the first paragraph of a chain-of-thought answer (answer tags removed)."
+_PLAN_ITEM = re.compile(r'^(\d+[.)]|[-*])\s+')
+
+def first_thought_prefix(cot_text: str, max_chars: int = 300) -> str:
+    "`Thought: ` + the first sentence of a chain-of-thought answer, with the plan it announces (answers and facts left out)."
     text = re.sub(r'<answer>.*?(</answer>|$)', '', cot_text or '', flags=re.S)
     text = re.sub(r'^\s*(Thought:|Step 1:)\s*', '', text.strip())
-    para = next((p.strip() for p in re.split(r'\n\s*\n', text) if p.strip()), '')
-    para = ' '.join(para.split())
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    if not lines: return THOUGHT
+    m = re.match(r'(.+?[.?:])(\s|$)', lines[0])
+    out = [m.group(1) if m else lines[0]]
+    if out[0].endswith(':'):  # "I'll follow these steps:" -- keep the steps, not the facts or numbers that follow
+        for l in lines[1:]:
+            item = _PLAN_ITEM.sub('', l)
+            if not _PLAN_ITEM.match(l) or re.search(r'\d', item) or len(out) > 4: break
+            out.append(l)
+    para = ' '.join(' '.join(out).split())
     if len(para) > max_chars:
         cut = max(para.rfind('. ', 0, max_chars), para.rfind('? ', 0, max_chars))
         para = para[:cut + 1] if cut > 0 else para[:max_chars]
