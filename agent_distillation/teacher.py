@@ -164,13 +164,14 @@ def _provenance(cfg: TeacherRunConfig, lm_info: dict, session: dict) -> dict:
     summary = {n: dict(done=len(rs), correct=sum(r['correct'] for r in rs),
                        accuracy=round(sum(r['correct'] for r in rs) / len(rs), 4) if rs else None) for n, rs in files.items()}
     hours = sum(s['wall_s'] for s in sessions) / 3600
-    units = sum(len(rs) for rs in files.values())
+    timed = [s for s in sessions if 'generated' in s]  # sessions that counted what they wrote
+    units, timed_h = sum(s['generated'] for s in timed), sum(s['wall_s'] for s in timed) / 3600
     return dict(model=cfg.model, model_sha256=OFFLINE_MODELS[cfg.model].sha256 if cfg.model in OFFLINE_MODELS else None,
                 backend=lm_info, prompts_hash=all_prompts_hash(), settings=cfg.__dict__,
                 sampling=dict(temperature=0.0, top_p=1.0, agent_max_new_tokens=cfg.max_new_tokens,
                               cot_max_new_tokens=cfg.cot_max_new_tokens, max_steps=cfg.max_steps),
                 sessions=sessions, wall_hours=round(hours, 3), results=summary,
-                generations_per_hour=round(units / hours, 1) if hours else None,
+                generations_per_hour=round(units / timed_h, 1) if timed_h else None,  # CoT answers + trajectories written per hour
                 regenerate=f"agent-distill teacher --out_dir {cfg.out_dir} --n_world {cfg.n_world} --n_math {cfg.n_math} --seed {cfg.seed}")
 
 # %% ../nbs/08_teacher.ipynb #4e678aa6
@@ -186,7 +187,8 @@ def run_teacher(cfg: TeacherRunConfig = TeacherRunConfig()) -> dict:
     exs = teacher_examples(cfg)
     retrieve = make_retrieve_tool(world_retriever(make_world_benchmark(cfg.seed)), k=3)
     make_sandbox = lambda: Sandbox(tools=[retrieve])
-    session = dict(start=datetime.datetime.now().isoformat(timespec='seconds'), wall_s=0.0)
+    count = lambda: sum(len(done_ids(out/f'{n}.jsonl')) for n in ('cot', 'agent', 'agent_ftp'))
+    session, before = dict(start=datetime.datetime.now().isoformat(timespec='seconds'), wall_s=0.0, generated=0), count()
     t0 = time.time()
     with LlamaServer(cfg.model, n_ctx=cfg.n_ctx, parallel=cfg.workers, threads=cfg.threads, binary=cfg.binary) as srv:
         lm = OpenAILM(srv.base_url, srv.model, tokenizer=cfg.model, max_concurrency=cfg.workers)
@@ -194,7 +196,8 @@ def run_teacher(cfg: TeacherRunConfig = TeacherRunConfig()) -> dict:
                     parallel_slots=cfg.workers, n_ctx_per_slot=cfg.n_ctx, gguf=srv.gguf.name)
         agent_kw = dict(max_steps=cfg.max_steps, max_new_tokens=cfg.max_new_tokens, step_prefix=cfg.step_prefix)
         def record():  # after every phase, so an interrupted run still says what it did
-            session.update(end=datetime.datetime.now().isoformat(timespec='seconds'), wall_s=round(time.time() - t0, 1))
+            session.update(end=datetime.datetime.now().isoformat(timespec='seconds'), wall_s=round(time.time() - t0, 1),
+                           generated=count() - before)
             save_json(out/'provenance.json', prov := _provenance(cfg, info, session))
             return prov
         for i in range(0, len(exs), cfg.chunk):
