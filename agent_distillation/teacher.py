@@ -175,6 +175,12 @@ def _provenance(cfg: TeacherRunConfig, lm_info: dict, session: dict) -> dict:
                 regenerate=f"agent-distill teacher --out_dir {cfg.out_dir} --n_world {cfg.n_world} --n_math {cfg.n_math} --seed {cfg.seed}")
 
 # %% ../nbs/08_teacher.ipynb #4e678aa6
+import signal
+
+def _interrupt(signum, frame):
+    "SIGTERM as Ctrl-C, so a stopped run still writes its provenance."
+    raise KeyboardInterrupt(f'signal {signum}')
+
 def run_teacher(cfg: TeacherRunConfig = TeacherRunConfig()) -> dict:
     "Generate (or resume) the teacher's CoT answers and agent trajectories with and without FTP; returns provenance."
     import datetime
@@ -200,12 +206,17 @@ def run_teacher(cfg: TeacherRunConfig = TeacherRunConfig()) -> dict:
                            generated=count() - before)
             save_json(out/'provenance.json', prov := _provenance(cfg, info, session))
             return prov
-        for i in range(0, len(exs), cfg.chunk):
-            part = exs[i:i + cfg.chunk]
-            generate_cot(part, lm, out/'cot.jsonl', cfg.workers, cfg.cot_max_new_tokens); record()
-            generate_trajectories(part, lm, make_sandbox, out/'agent.jsonl', workers=cfg.workers, **agent_kw); record()
-            generate_trajectories(part, lm, make_sandbox, out/'agent_ftp.jsonl', ftp=True, cot=out/'cot.jsonl', workers=cfg.workers, **agent_kw)
+        term = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
+        try:
+            for i in range(0, len(exs), cfg.chunk):
+                part = exs[i:i + cfg.chunk]
+                generate_cot(part, lm, out/'cot.jsonl', cfg.workers, cfg.cot_max_new_tokens); record()
+                generate_trajectories(part, lm, make_sandbox, out/'agent.jsonl', workers=cfg.workers, **agent_kw); record()
+                generate_trajectories(part, lm, make_sandbox, out/'agent_ftp.jsonl', ftp=True, cot=out/'cot.jsonl', workers=cfg.workers, **agent_kw)
+                record()
+        finally:  # stopped (Ctrl-C, SIGTERM) or done: the provenance counts what this session wrote
             prov = record()
+            if term is not None: signal.signal(signal.SIGTERM, term)
     return prov
 
 # %% ../nbs/08_teacher.ipynb #6dbfacb7
