@@ -46,10 +46,14 @@ def _run_resumable(examples, work, out, workers: int = 1, desc: str = 'teacher')
         rec = work(e, local)
         with lock: append_jsonl(out, rec)
         return rec
-    new = []
-    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(examples), initial=len(examples) - len(todo), desc=desc) as bar:
-        for fut in as_completed([pool.submit(job, e) for e in todo]):
-            new.append(fut.result()); bar.update(1)
+    new, pool = [], ThreadPoolExecutor(max(1, workers))
+    try:
+        with tqdm(total=len(examples), initial=len(examples) - len(todo), desc=desc) as bar:
+            for fut in as_completed([pool.submit(job, e) for e in todo]):
+                new.append(fut.result()); bar.update(1)
+    except BaseException:  # interrupted: the examples in flight finish and are written, the queued ones are dropped
+        pool.shutdown(wait=True, cancel_futures=True); raise
+    pool.shutdown()
     return new
 
 # %% ../nbs/08_teacher.ipynb #a1ceba93

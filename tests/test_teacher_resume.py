@@ -35,3 +35,18 @@ def test_sigkill_then_resume(tmp_path):
     ids = [r['id'] for r in recs]
     assert sorted(ids) == sorted(f'q{i}' for i in range(n)), 'every example exactly once, the torn line gone'
     assert all(r['correct'] for r in recs)
+
+def test_interrupt_drops_the_queue(tmp_path):
+    "Ctrl-C (or SIGTERM, which the teacher run turns into it) ends a phase after the examples in flight, not the whole queue."
+    from agent_distillation.teacher import _run_resumable
+    from agent_distillation.core import read_jsonl, Example
+    exs = [Example(f'q{i}', 'q', 'a', 'fact', 'test') for i in range(20)]
+    def work(e, _):
+        if e.id == 'q3': raise KeyboardInterrupt
+        time.sleep(0.05); return dict(id=e.id)
+    t0 = time.time()
+    try: _run_resumable(exs, work, tmp_path/'o.jsonl', workers=2); raise AssertionError('the interrupt was swallowed')
+    except KeyboardInterrupt: pass
+    done = [r['id'] for r in read_jsonl(tmp_path/'o.jsonl')]
+    assert 'q3' not in done and len(done) <= 5, done  # q0-q2 and at most the one other in flight, not all 19
+    assert time.time() - t0 < 5
