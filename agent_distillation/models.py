@@ -389,8 +389,8 @@ def free_port(host: str = '127.0.0.1') -> int:
 def llama_server_backend(binary: str | None = None) -> str | None:
     "A `llama-server` binary (`binary`, else $LLAMA_SERVER, else on PATH), else 'python' if llama-cpp-python's server is installed, else None."
     import importlib.util
-    if binary or os.environ.get('LLAMA_SERVER') or shutil.which('llama-server'):  # the binary has parallel slots: prefer it
-        found = binary or os.environ.get('LLAMA_SERVER') or shutil.which('llama-server')
+    found = binary or os.environ.get('LLAMA_SERVER') or shutil.which('llama-server')
+    if found:  # the binary has parallel slots: prefer it
         if not os.access(found, os.X_OK): raise FileNotFoundError(f'llama-server binary {found!r} is not an executable file')
         return str(Path(found).resolve())
     if importlib.util.find_spec('llama_cpp') and importlib.util.find_spec('uvicorn') and importlib.util.find_spec('sse_starlette'): return 'python'
