@@ -156,7 +156,8 @@ def cot_sft_messages(record: dict) -> list[dict]:
 
 def build_cot_dataset(tok, records, max_len: int | None = 4096, correct_only: bool = True) -> tuple[list[dict], Counter]:
     "CoT-distillation examples (same masking) from the teacher's CoT records, with counts."
-    keep = [r for r in records if r.get('correct') or not correct_only]
+    from agent_distillation.teacher import record_correct
+    keep = [r for r in records if not correct_only or record_correct(r)]
     data, stats = build_sft_dataset(tok, [cot_sft_messages(r) for r in keep], max_len, student_prompt=False)
     stats['wrong answer'] = len(records) - len(keep)
     return data, stats

@@ -16,8 +16,8 @@ from .agent import CodeAgent, Trajectory
 from .scoring import exact_match, f1, math_equal, extract_answer, normalize_answer
 
 # %% auto #0
-__all__ = ['covers', 'is_correct', 'done_ids', 'generate_cot', 'generate_trajectories', 'drop_reason', 'filter_trajectories',
-           'to_dataset', 'TeacherRunConfig', 'teacher_examples', 'run_teacher', 'teacher_report']
+__all__ = ['covers', 'is_correct', 'done_ids', 'generate_cot', 'generate_trajectories', 'record_correct', 'drop_reason',
+           'filter_trajectories', 'to_dataset', 'TeacherRunConfig', 'teacher_examples', 'run_teacher', 'teacher_report']
 
 # %% ../nbs/08_teacher.ipynb #dd32d59b
 def covers(pred: str, gold: str, max_extra: int = 3) -> bool:
@@ -102,10 +102,17 @@ def generate_trajectories(examples: list[Example],  # questions to answer
     return _run_resumable(examples, work, out, workers, desc=f"teacher agent{' +FTP' if ftp else ''}")
 
 # %% ../nbs/08_teacher.ipynb #bd4dcc80
+def record_correct(r: dict) -> bool:
+    "Score a stored record (agent or CoT) again with today's `is_correct`: its `correct` flag may predate a scoring fix."
+    if r.get('answered') is False: return False
+    pred = r['final_answer'] if 'final_answer' in r else r.get('prediction')
+    return is_correct(pred, Example(id=r['id'], question=r['question'], answer=r['gold'], domain=r['domain'],
+                                    source=r.get('source', '')))
+
 def drop_reason(r: dict) -> str | None:
-    "Why a trajectory record is not kept (None: keep)."
+    "Why a trajectory record is not kept (None: keep). Correctness is re-scored, not read from the record."
     if not r.get('answered'): return 'no final answer'
-    if not r.get('correct'): return 'wrong answer'
+    if not record_correct(r): return 'wrong answer'
     if r.get('parse_failures'): return 'parse failure'
     return None
 
@@ -165,8 +172,9 @@ def _provenance(cfg: TeacherRunConfig, lm_info: dict, session: dict) -> dict:
     prov = load_json(p) if p.exists() else {'sessions': []}
     sessions = [s for s in prov['sessions'] if s['start'] != session['start']] + [session]
     files = {n: read_jsonl(out/f'{n}.jsonl') for n in ('cot', 'agent', 'agent_ftp')}
-    summary = {n: dict(done=len(rs), correct=sum(r['correct'] for r in rs),
-                       accuracy=round(sum(r['correct'] for r in rs) / len(rs), 4) if rs else None) for n, rs in files.items()}
+    ok = {n: sum(map(record_correct, rs)) for n, rs in files.items()}
+    summary = {n: dict(done=len(rs), correct=ok[n], accuracy=round(ok[n] / len(rs), 4) if rs else None)
+               for n, rs in files.items()}
     hours = sum(s['wall_s'] for s in sessions) / 3600
     timed = [s for s in sessions if 'generated' in s]  # sessions that counted what they wrote
     units, timed_h = sum(s['generated'] for s in timed), sum(s['wall_s'] for s in timed) / 3600
@@ -247,7 +255,7 @@ def teacher_report(out_dir='runs/cpu/teacher',  # a `run_teacher` folder
         rs = [r for r in rs if r['id'] in ids]
         if not rs: continue
         df = pd.DataFrame([dict(group=r['domain'] if r['domain'] == 'math' else 'fact: ' + kinds.get(r['id'], '?'),
-                                domain=r['domain'], correct=bool(r['correct'])) for r in rs])
+                                domain=r['domain'], correct=record_correct(r)) for r in rs])
         row = {'mode': names[n], 'n': len(df), 'all (%)': 100 * df.correct.mean()}
         row |= {f'{d} (%)': 100 * g.correct.mean() for d, g in df.groupby('domain')}
         row |= {f'{k} (%)': 100 * g.correct.mean() for k, g in df[df.domain == 'fact'].groupby('group')}
