@@ -17,8 +17,8 @@ from .prompts import TEACHER_SYSTEM, STUDENT_SYSTEM, DEFAULT_IMPORTS, student_sy
 __all__ = ['LLAMA3_TEMPLATE', 'MISTRAL_TEMPLATE', 'ACCELERATE_CONFIGS', 'assistant_spans', 'build_sft_example', 'show_mask',
            'synthetic_trajectories', 'to_student_messages', 'build_sft_dataset', 'cot_sft_messages',
            'build_cot_dataset', 'collate_padded', 'collate_packed', 'SimilarLengthSampler', 'padding_waste',
-           'TrainConfig', 'default_lora', 'sft_loss', 'plot_loss', 'TrainResult', 'train_student', 'load_student',
-           'merge_adapter', 'write_accelerate_config', 'train_from_jsonl', 'main', 'bench_batching']
+           'TrainConfig', 'default_lora', 'sft_loss', 'plot_loss', 'TrainResult', 'train_student', 'adapter_info',
+           'load_student', 'merge_adapter', 'write_accelerate_config', 'train_from_jsonl', 'main', 'bench_batching']
 
 # %% ../nbs/09_distill.ipynb #eb362be6
 def _render(tok, messages, **kw) -> str:
@@ -99,7 +99,7 @@ def synthetic_trajectories(n: int = 8,            # how many
                      {'role': 'user', 'content': format_observation(retrieve(q))}]
         msgs.append({'role': 'assistant', 'content': format_action('I have what I need.', f'final_answer({e.answer!r})')})
         out.append(dict(id=e.id, question=e.question, gold=e.answer, domain=e.domain, source='synthetic', messages=msgs,
-                        answered=True, correct=True, parse_failures=0))
+                        final_answer=e.answer, answered=True, correct=True, parse_failures=0))
     return out
 
 # %% ../nbs/09_distill.ipynb #512fa35d
@@ -228,6 +228,7 @@ class TrainConfig:
     trained_logits_only: bool = True  # compute the output layer only where a token is trained
     threads: int | None = None    # CPU threads for torch during the run (None: torch's default; 1 on a crowded machine)
     dtype: str | None = None      # 'bfloat16' or 'float32' (default: bf16 on a GPU or a CPU with bf16 units, else fp32)
+    save_dtype: str | None = 'bfloat16'  # dtype of the saved adapter (peft trains it in fp32; bf16 halves the file; None: as trained)
     seed: int = 0
 
 def default_lora(**kw):
@@ -439,6 +440,7 @@ def train_student(base: str,                       # registry name, local folder
     cfg, lora = replace(config or TrainConfig(), **overrides), lora or default_lora()
     if cfg.batching not in ('grouped', 'packed', 'padded'): raise ValueError(f"batching must be grouped, packed or padded, got {cfg.batching!r}")
     data = [{'input_ids': list(e['input_ids']), 'labels': list(e['labels'])} for e in dataset]
+    if not data: raise ValueError('train_student got an empty dataset: no example survived filtering (see the SFT data counts)')
     out = Path(cfg.out_dir); out.mkdir(parents=True, exist_ok=True)
     if not resume and int(os.environ.get('RANK', 0)) == 0: _fresh_start(out)
     elif _finished(out, base, cfg, data): return TrainResult.load(out)
@@ -458,10 +460,26 @@ def _save_run(model, base, lora, cfg, data, accum, world, out: Path):
     "Save the adapter (peft format), settings.json and loss.png of a finished run."
     model.peft_config['default'].base_model_name_or_path = base
     model.save_pretrained(out, save_embedding_layers=False)
+    if cfg.save_dtype: _cast_adapter(out/'adapter_model.safetensors', cfg.save_dtype)
     sessions = read_jsonl(out/'sessions.jsonl')
     sessions[-1]['end'] = datetime.datetime.now().isoformat(timespec='seconds')
-    save_json(out/'settings.json', _settings(base, lora, cfg, data, accum, world, sessions, read_jsonl(out/'train_log.jsonl')))
+    settings = _settings(base, lora, cfg, data, accum, world, sessions, read_jsonl(out/'train_log.jsonl'))
+    save_json(out/'settings.json', settings | {'adapter': adapter_info(out)})
     plot_loss(out)
+
+def _cast_adapter(path: Path, dtype: str):
+    "Rewrite a safetensors adapter with its floating-point tensors in `dtype` (atomically)."
+    from safetensors.torch import load_file, save_file
+    sd = {k: v.to(_dtype(dtype)) if v.is_floating_point() else v for k, v in load_file(path).items()}
+    tmp = path.with_name(path.name + '.tmp')
+    save_file(sd, tmp, metadata={'format': 'pt'}); os.replace(tmp, path)
+
+def adapter_info(run_dir) -> dict:
+    "Size, dtype and sha256 of a run's adapter file: what evaluation results cite when the adapter is not committed."
+    from safetensors import safe_open
+    p = Path(run_dir)/'adapter_model.safetensors'
+    with safe_open(p, 'pt') as f: dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})
+    return dict(file=p.name, bytes=p.stat().st_size, dtype=dtypes, sha256=hashlib.sha256(p.read_bytes()).hexdigest())
 
 # %% ../nbs/09_distill.ipynb #81009376
 def load_student(base: str,            # the base model the adapter was trained on
@@ -556,12 +574,15 @@ def _layouts(data, mb: int, pad_id: int, seed: int) -> dict:
             'one per pass': pad(rand, 1), 'one per pass, full logits': pad(rand, 1, False)}
 
 def _step(model, opt, batch, logits_only: bool = True) -> float:
-    "Seconds for one forward + backward + optimizer step with `sft_loss`."
-    t0 = time.perf_counter()
+    "Seconds for one forward + backward + optimizer step with `sft_loss` (on the model's device)."
+    dev = model.device
+    batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
+    sync(); t0 = time.perf_counter()
     inputs = {k: v for k, v in batch.items() if k != 'labels'}
     if logits_only: inputs['logits_to_keep'] = _next_token_positions(batch['labels'])
     sft_loss(model(**inputs), batch['labels']).backward(); opt.step(); opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
+    sync(); return time.perf_counter() - t0
 
 # %% ../nbs/09_distill.ipynb #e0c16045
 def bench_batching(base: str = 'smollm2-135m-instruct',  # the student
@@ -572,22 +593,23 @@ def bench_batching(base: str = 'smollm2-135m-instruct',  # the student
                    records=None,                # teacher trajectory records to use instead
                    threads: int | None = None,  # torch CPU threads (None: torch's default)
                    checkpointing: bool = True,  # recompute activations in backward (4 x 2048 tokens fit in a few GB)
+                   device: str | None = None,   # e.g. 'cuda' to measure on a GPU (default: CPU)
                    seed: int = 0) -> dict:
     "Real training tokens/s of naive padded vs grouped vs packed batches vs one sequence per pass, in one run."
     from peft import get_peft_model
     from agent_distillation.registry import load_model, load_tokenizer
     prev = torch.get_num_threads()
     if threads: torch.set_num_threads(threads)
-    try: return _bench_batching(base, n, micro_batch_size, max_len, extra_steps, records, checkpointing, seed)
+    try: return _bench_batching(base, n, micro_batch_size, max_len, extra_steps, records, checkpointing, seed, device)
     finally: torch.set_num_threads(prev)
 
-def _bench_batching(base, n, micro_batch_size, max_len, extra_steps, records, checkpointing, seed) -> dict:
+def _bench_batching(base, n, micro_batch_size, max_len, extra_steps, records, checkpointing, seed, device=None) -> dict:
     from peft import get_peft_model
     from agent_distillation.registry import load_model, load_tokenizer
     tok = load_tokenizer(base)
     data, _ = build_sft_dataset(tok, records or synthetic_trajectories(n, seed, extra_steps), max_len)
     seed_everything(seed)
-    model = load_model(base); model.config.use_cache = False
+    model = load_model(base, device=device); model.config.use_cache = False
     if checkpointing: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
     model = get_peft_model(model, default_lora()).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -601,6 +623,7 @@ def _bench_batching(base, n, micro_batch_size, max_len, extra_steps, records, ch
                 secs[name] += _step(model, opt, b, keep); toks[name] += real; computed[name] += b['input_ids'].numel()
     return _bench_table(secs, toks, computed, dict(base=base, examples=len(data), micro_batch_size=micro_batch_size,
                                                    threads=torch.get_num_threads(), checkpointing=checkpointing,
+                                                   device=str(model.device), dtype=str(model.dtype).replace('torch.', ''),
                                                    lengths=sorted(len(e['input_ids']) for e in data)))
 
 def _bench_table(secs, toks, computed, info) -> dict:

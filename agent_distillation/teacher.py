@@ -104,10 +104,12 @@ def generate_trajectories(examples: list[Example],  # questions to answer
 # %% ../nbs/08_teacher.ipynb #bd4dcc80
 def record_correct(r: dict) -> bool:
     "Score a stored record (agent or CoT) again with today's `is_correct`: its `correct` flag may predate a scoring fix."
+    missing = [k for k in ('gold', 'domain') if k not in r]
+    if missing: raise ValueError(f"record {r.get('id', '?')!r} has no {missing}: it cannot be scored")
     if r.get('answered') is False: return False
     pred = r['final_answer'] if 'final_answer' in r else r.get('prediction')
-    return is_correct(pred, Example(id=r['id'], question=r['question'], answer=r['gold'], domain=r['domain'],
-                                    source=r.get('source', '')))
+    return is_correct(pred, Example(id=r.get('id', ''), question=r.get('question', ''), answer=r['gold'],
+                                    domain=r['domain'], source=r.get('source', '')))
 
 def drop_reason(r: dict) -> str | None:
     "Why a trajectory record is not kept (None: keep). Correctness is re-scored, not read from the record."

@@ -195,3 +195,9 @@ def test_two_processes_match_one(short, tmp_path):
     total = sum(len(e['input_ids']) for e in short)  # the same 4 examples: one epoch per step
     assert [r['tokens'] for r in two] == [r['tokens'] for r in one] == [total, 2 * total, 3 * total]
     for a, b in zip(two, one): assert abs(a['loss'] - b['loss']) < 1e-3
+
+def test_empty_dataset_is_an_error(tmp_path):
+    "Nothing to train on is a clear error, not a finished run of zero steps."
+    with pytest.raises(ValueError, match='empty dataset'):
+        train_student('tiny-random', [], out_dir=str(tmp_path/'run'), max_steps=1)
+    assert not (tmp_path/'run'/'settings.json').exists()
