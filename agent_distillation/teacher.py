@@ -17,7 +17,8 @@ from .scoring import exact_match, f1, math_equal, extract_answer, normalize_answ
 
 # %% auto #0
 __all__ = ['covers', 'is_correct', 'done_ids', 'generate_cot', 'generate_trajectories', 'record_correct', 'drop_reason',
-           'filter_trajectories', 'to_dataset', 'TeacherRunConfig', 'teacher_examples', 'run_teacher', 'teacher_report']
+           'filter_trajectories', 'to_dataset', 'TeacherRunConfig', 'teacher_examples', 'run_teacher', 'teacher_report',
+           'failure_patterns']
 
 # %% ../nbs/08_teacher.ipynb #dd32d59b
 def covers(pred: str, gold: str, max_extra: int = 3) -> bool:
@@ -275,3 +276,39 @@ def teacher_report(out_dir='runs/cpu/teacher',  # a `run_teacher` folder
     frame = lambda rows: pd.DataFrame(rows).set_index('mode') if rows else pd.DataFrame(index=pd.Index([], name='mode'))
     return dict(accuracy=frame(rows).round(1), kept=frame(kept).fillna(0).astype(int), cost=frame(cost).round(2), paired=len(ids),
                 done={n: len(rs) for n, rs in files.items()}, provenance=prov)
+
+# %% ../nbs/08_teacher.ipynb #f6071829
+import ast
+
+def _constant_answer(r: dict) -> bool:
+    "Whether the trajectory's final action is `final_answer(<a constant>)` (worked out in the thought, not in code)."
+    final = [s for s in r.get('steps', []) if s.get('is_final')]
+    try: tree = ast.parse(final[-1]['code']) if final else None
+    except SyntaxError: return False
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, 'id', None) == 'final_answer'] if tree else []
+    return bool(calls) and bool(calls[-1].args) and isinstance(calls[-1].args[0], ast.Constant)
+
+def failure_patterns(out_dir='runs/cpu/teacher',  # a `run_teacher` folder
+                     seed: int = 0):               # the world benchmark's seed (for question types)
+    "Per agent mode and domain, on the ids every mode answered: how often each failure pattern occurs (%)."
+    import pandas as pd
+    from agent_distillation.world import make_world_benchmark
+    out = Path(out_dir)
+    files = {n: read_jsonl(out/f'{n}.jsonl') for n in ('cot', 'agent', 'agent_ftp')}
+    ids, kinds = _paired(files), {e.id: e.meta['type'] for e in make_world_benchmark(seed).train}
+    rows = []
+    for n, name in (('agent', 'agent'), ('agent_ftp', 'agent + FTP')):
+        for dom in ('fact', 'math'):
+            rs = [r for r in files[n] if r['id'] in ids and r['domain'] == dom]
+            if not rs: continue
+            pct = lambda xs: 100 * sum(map(bool, xs)) / len(xs) if xs else float('nan')
+            arith = [r for r in rs if kinds.get(r['id']) == 'arithmetic']
+            rows.append({'mode': name, 'domain': dom, 'n': len(rs), 'right': pct([record_correct(r) for r in rs]),
+                         'no final answer': pct([not r['answered'] for r in rs]),
+                         'a step did not parse': pct([r['parse_failures'] for r in rs]),
+                         'code raised': pct([r['code_errors'] for r in rs]),
+                         'no retrieval': pct([r['retrieval_calls'] == 0 for r in rs]) if dom == 'fact' else float('nan'),
+                         'arithmetic: constant answer': pct([_constant_answer(r) for r in arith]),
+                         'arithmetic: constant answer, right': pct([record_correct(r) for r in arith if _constant_answer(r)]),
+                         'arithmetic: computed in code, right': pct([record_correct(r) for r in arith if not _constant_answer(r)])})
+    return pd.DataFrame(rows).set_index(['mode', 'domain']).round(1)
