@@ -57,7 +57,7 @@ def teacher(out_dir: str = 'runs/cpu/teacher',   # output folder (JSONL + proven
             n_world: int = 300,                   # world-train questions
             n_math: int = 100,                    # MATH-train questions
             seed: int = 0,                        # benchmark and subsample seed
-            workers: int = 4,                     # concurrent conversations (llama.cpp slots)
+            workers: int = 8,                     # concurrent conversations (llama.cpp slots)
             model: str = 'qwen2.5-coder-1.5b-instruct',  # teacher (registry name)
             binary: str = None):                  # llama-server binary (default: $LLAMA_SERVER or PATH)
     "Generate (or resume) the teacher's CoT answers and agent trajectories."

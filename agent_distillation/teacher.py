@@ -16,9 +16,9 @@ from .agent import CodeAgent, Trajectory
 from .scoring import exact_match, f1, math_equal, extract_answer, normalize_answer
 
 # %% auto #0
-__all__ = ['covers', 'is_correct', 'done_ids', 'generate_cot', 'generate_trajectories', 'record_correct', 'drop_reason',
-           'filter_trajectories', 'to_dataset', 'TeacherRunConfig', 'teacher_examples', 'run_teacher', 'teacher_report',
-           'failure_patterns']
+__all__ = ['MODES', 'covers', 'is_correct', 'done_ids', 'generate_cot', 'generate_trajectories', 'generate_all', 'record_correct',
+           'drop_reason', 'filter_trajectories', 'to_dataset', 'TeacherRunConfig', 'teacher_examples', 'run_teacher',
+           'teacher_report', 'failure_patterns']
 
 # %% ../nbs/08_teacher.ipynb #dd32d59b
 def covers(pred: str, gold: str, max_extra: int = 3) -> bool:
@@ -58,17 +58,19 @@ def _run_resumable(examples, work, out, workers: int = 1, desc: str = 'teacher')
     return new
 
 # %% ../nbs/08_teacher.ipynb #a1ceba93
+def _cot_record(e: Example, lm, max_new_tokens: int) -> dict:
+    "The JSONL record of one CoT answer (greedy)."
+    msgs = cot_messages(e.question, e.domain)
+    t0 = time.time()
+    text = lm.generate([msgs], n=1, temperature=0.0, max_new_tokens=max_new_tokens)[0][0]
+    pred = extract_answer(text, e.domain)
+    return dict(id=e.id, question=e.question, gold=e.answer, domain=e.domain, source=e.source, cot=text,
+                prediction=pred, correct=is_correct(pred, e), messages=msgs + [{'role': 'assistant', 'content': text}],
+                wall_s=round(time.time() - t0, 2))
+
 def generate_cot(examples: list[Example], lm, out, workers: int = 1, max_new_tokens: int = 512) -> list[dict]:
     "Teacher chain-of-thought answers for `examples`, appended to `out` (resumable)."
-    def work(e, _):
-        msgs = cot_messages(e.question, e.domain)
-        t0 = time.time()
-        text = lm.generate([msgs], n=1, temperature=0.0, max_new_tokens=max_new_tokens)[0][0]
-        pred = extract_answer(text, e.domain)
-        return dict(id=e.id, question=e.question, gold=e.answer, domain=e.domain, source=e.source, cot=text,
-                    prediction=pred, correct=is_correct(pred, e), messages=msgs + [{'role': 'assistant', 'content': text}],
-                    wall_s=round(time.time() - t0, 2))
-    return _run_resumable(examples, work, out, workers, desc='teacher CoT')
+    return _run_resumable(examples, lambda e, _: _cot_record(e, lm, max_new_tokens), out, workers, desc='teacher CoT')
 
 # %% ../nbs/08_teacher.ipynb #dcb54e66
 def _traj_record(t: Trajectory, e: Example, ftp: bool) -> dict:
@@ -96,11 +98,60 @@ def generate_trajectories(examples: list[Example],  # questions to answer
         prefixes = {r['id']: first_thought_prefix(r['cot']) for r in (read_jsonl(cot) if isinstance(cot, (str, Path)) else cot)}
         missing = [e.id for e in examples if e.id not in prefixes]
         if missing: raise ValueError(f"No CoT answer for {len(missing)} example(s) (e.g. {missing[:3]}); run generate_cot first.")
-    def work(e, local):
-        if not hasattr(local, 'agent'): local.agent = CodeAgent(lm, make_sandbox(), **agent_kw)
-        t = local.agent.run(e.question, e.domain, prefix=prefixes.get(e.id), id=e.id, gold=e.answer)
-        return _traj_record(t, e, ftp)
+    work = lambda e, local: _agent_record(e, local, lm, make_sandbox, prefixes.get(e.id), ftp, agent_kw)
     return _run_resumable(examples, work, out, workers, desc=f"teacher agent{' +FTP' if ftp else ''}")
+
+def _agent_record(e: Example, local, lm, make_sandbox, prefix: str | None, ftp: bool, agent_kw: dict) -> dict:
+    "Run the worker thread's agent (built once per thread, in `local`) on one question; its JSONL record."
+    if not hasattr(local, 'agent'): local.agent = CodeAgent(lm, make_sandbox(), **agent_kw)
+    t = local.agent.run(e.question, e.domain, prefix=prefix, id=e.id, gold=e.answer)
+    return _traj_record(t, e, ftp)
+
+# %% ../nbs/08_teacher.ipynb #3b4c5d6e
+from concurrent.futures import wait, FIRST_COMPLETED
+MODES = ('cot', 'agent', 'agent_ftp')
+
+def generate_all(examples: list[Example],    # questions to answer in every mode
+                 lm,                         # the teacher
+                 make_sandbox,               # () -> Sandbox with the tools (one per worker thread)
+                 out_dir,                    # folder of cot.jsonl, agent.jsonl, agent_ftp.jsonl (appended; resumed by id)
+                 workers: int = 1,           # concurrent requests
+                 cot_max_new_tokens: int = 512,
+                 **agent_kw) -> dict[str, list[dict]]:  # passed to `CodeAgent`
+    "CoT answers and agent trajectories without and with FTP for `examples`, in one pool (resumable); the new records."
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    paths = {m: out/f'{m}.jsonl' for m in MODES}
+    done = {m: done_ids(p) for m, p in paths.items()}
+    wanted = {e.id for e in examples}
+    cot = {r['id']: r['cot'] for r in iter_jsonl(paths['cot']) if r['id'] in wanted}
+    locks, local, new, futs = {m: threading.Lock() for m in MODES}, threading.local(), {m: [] for m in MODES}, {}
+    def job(mode, e, prefix):
+        rec = (_cot_record(e, lm, cot_max_new_tokens) if mode == 'cot' else
+               _agent_record(e, local, lm, make_sandbox, prefix, mode == 'agent_ftp', agent_kw))
+        with locks[mode]: append_jsonl(paths[mode], rec)
+        return rec
+    pool = ThreadPoolExecutor(max(1, workers))
+    def submit(mode, e, prefix=None):
+        f = pool.submit(job, mode, e, prefix); futs[f] = (mode, e); return f
+    for e in examples:  # a question's CoT and plain run first; its FTP run once the CoT answer exists
+        if e.id not in done['cot']: submit('cot', e)
+        elif e.id not in done['agent_ftp']: submit('agent_ftp', e, first_thought_prefix(cot[e.id]))
+        if e.id not in done['agent']: submit('agent', e)
+    todo = sum(e.id not in done[m] for e in examples for m in MODES)
+    try:
+        with tqdm(total=len(MODES) * len(examples), initial=len(MODES) * len(examples) - todo, desc='teacher (all modes)') as bar:
+            pending = set(futs)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    (mode, e), rec = futs[f], f.result()
+                    new[mode].append(rec); bar.update(1)
+                    if mode == 'cot' and e.id not in done['agent_ftp']:
+                        pending.add(submit('agent_ftp', e, first_thought_prefix(rec['cot'])))
+    except BaseException:  # interrupted or failed: the requests in flight finish and are written, the queue is dropped
+        pool.shutdown(wait=True, cancel_futures=True); raise
+    pool.shutdown()
+    return new
 
 # %% ../nbs/08_teacher.ipynb #bd4dcc80
 def record_correct(r: dict) -> bool:
@@ -140,7 +191,7 @@ class TeacherRunConfig:
     n_world: int = 300          # world-train questions
     n_math: int = 100           # MATH-train questions
     seed: int = 0               # world benchmark seed and question subsample seed
-    workers: int = 4            # concurrent conversations = llama-server slots
+    workers: int = 8            # concurrent conversations = llama-server slots (8: +15 % tokens/s over 4 on 2 cores)
     chunk: int = 40             # questions per round of CoT / agent / agent+FTP
     max_steps: int = 5          # paper: 5
     max_new_tokens: int = 512   # per agent step (paper: 1024)
@@ -209,14 +260,15 @@ def run_teacher(cfg: TeacherRunConfig = TeacherRunConfig()) -> dict:
     retrieve = make_retrieve_tool(world_retriever(make_world_benchmark(cfg.seed)), k=3)
     make_sandbox = lambda: Sandbox(tools=[retrieve])
     count = lambda: sum(len(done_ids(out/f'{n}.jsonl')) for n in ('cot', 'agent', 'agent_ftp'))
-    session, before = dict(start=datetime.datetime.now().isoformat(timespec='seconds'), wall_s=0.0, generated=0), count()
+    session = dict(start=datetime.datetime.now().isoformat(timespec='seconds'), wall_s=0.0, generated=0, workers=cfg.workers)
+    before = count()
     t0 = time.time()
     with LlamaServer(cfg.model, n_ctx=cfg.n_ctx, parallel=cfg.workers, threads=cfg.threads, binary=cfg.binary) as srv:
         lm = OpenAILM(srv.base_url, srv.model, tokenizer=cfg.model, max_concurrency=cfg.workers)
         info = dict(server='llama.cpp ' + ('llama-server' if srv.backend != 'python' else 'llama-cpp-python'),
                     parallel_slots=cfg.workers, n_ctx_per_slot=cfg.n_ctx, gguf=srv.gguf.name)
         agent_kw = dict(max_steps=cfg.max_steps, max_new_tokens=cfg.max_new_tokens, step_prefix=cfg.step_prefix)
-        def record():  # after every phase, so an interrupted run still says what it did
+        def record():  # after every chunk, so an interrupted run still says what it did
             session.update(end=datetime.datetime.now().isoformat(timespec='seconds'), wall_s=round(time.time() - t0, 1),
                            generated=count() - before)
             save_json(out/'provenance.json', prov := _provenance(cfg, info, session))
@@ -224,10 +276,7 @@ def run_teacher(cfg: TeacherRunConfig = TeacherRunConfig()) -> dict:
         term = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
         try:
             for i in range(0, len(exs), cfg.chunk):
-                part = exs[i:i + cfg.chunk]
-                generate_cot(part, lm, out/'cot.jsonl', cfg.workers, cfg.cot_max_new_tokens); record()
-                generate_trajectories(part, lm, make_sandbox, out/'agent.jsonl', workers=cfg.workers, **agent_kw); record()
-                generate_trajectories(part, lm, make_sandbox, out/'agent_ftp.jsonl', ftp=True, cot=out/'cot.jsonl', workers=cfg.workers, **agent_kw)
+                generate_all(exs[i:i + cfg.chunk], lm, make_sandbox, out, cfg.workers, cfg.cot_max_new_tokens, **agent_kw)
                 record()
         finally:  # stopped (Ctrl-C, SIGTERM) or done: the provenance counts what this session wrote
             prov = record()
