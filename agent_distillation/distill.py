@@ -18,7 +18,8 @@ __all__ = ['LLAMA3_TEMPLATE', 'MISTRAL_TEMPLATE', 'ACCELERATE_CONFIGS', 'assista
            'synthetic_trajectories', 'to_student_messages', 'build_sft_dataset', 'cot_sft_messages',
            'build_cot_dataset', 'collate_padded', 'collate_packed', 'SimilarLengthSampler', 'padding_waste',
            'TrainConfig', 'default_lora', 'sft_loss', 'plot_loss', 'TrainResult', 'train_student', 'adapter_info',
-           'load_student', 'merge_adapter', 'write_accelerate_config', 'train_from_jsonl', 'main', 'bench_batching']
+           'load_student', 'merge_adapter', 'write_accelerate_config', 'train_from_jsonl', 'main', 'bench_batching',
+           'students_report', 'plot_students']
 
 # %% ../nbs/09_distill.ipynb #eb362be6
 def _render(tok, messages, **kw) -> str:
@@ -635,3 +636,36 @@ def _bench_table(secs, toks, computed, info) -> dict:
     for k, r in rows.items():
         print(f"{k:<27}{r['real_tokens']:>9}{r['computed_tokens']:>10}{r['seconds']:>9}{r['tokens_per_s']:>11}{r['vs_naive']:>9}x")
     return dict(info, rows=rows)
+
+# %% ../nbs/09_distill.ipynb #d9e4f506
+def students_report(root='runs/cpu/students',  # folder of training runs (one subfolder each)
+                    last: int = 5):             # the end loss is the mean of the last `last` steps
+    "One row per finished run under `root`: data, loss at the start and end, speed, wall time and the adapter."
+    import pandas as pd
+    rows = []
+    for s_path in sorted(Path(root).glob('*/settings.json')):
+        s, log = load_json(s_path), read_jsonl(s_path.parent/'train_log.jsonl')
+        tail = [r['loss'] for r in log[-last:]]
+        wall = sum((datetime.datetime.fromisoformat(x['end']) - datetime.datetime.fromisoformat(x['start'])).total_seconds()
+                   for x in s['sessions'] if x.get('end'))
+        a = s.get('adapter', {})
+        rows.append({'run': s_path.parent.name, 'base': s['base'], 'examples': s['dataset']['examples'],
+                     'trained tokens': s['dataset']['trained_tokens'], 'epochs': s['config']['epochs'], 'steps': s['steps'],
+                     'LoRA r': s['lora'].get('r'), 'first loss': s['first_loss'],
+                     f'end loss (mean of last {last})': sum(tail) / len(tail) if tail else None,
+                     'tokens/s': s['tokens_per_s'], 'train min': s['train_s'] / 60, 'wall min': wall / 60,
+                     'adapter MB': a.get('bytes', 0) / 1e6, 'adapter sha256': a.get('sha256', '')[:12]})
+    if not rows: print(f'no finished training run under {root}: `make students` trains them')
+    return pd.DataFrame(rows).set_index('run').round(3) if rows else pd.DataFrame()
+
+def plot_students(root='runs/cpu/students', smooth: int = 5):
+    "The loss curves (running mean of `smooth` steps) of every run under `root`, in one figure."
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(7, 3.5), dpi=100); ax = fig.subplots()
+    for p in sorted(Path(root).glob('*/train_log.jsonl')):
+        loss, steps = [r['loss'] for r in read_jsonl(p)], [r['step'] for r in read_jsonl(p)]
+        k = min(smooth, len(loss))
+        if k: ax.plot(steps[k - 1:], [sum(loss[i - k + 1:i + 1]) / k for i in range(k - 1, len(loss))], label=p.parent.name)
+    ax.set_xlabel('optimizer step'); ax.set_ylabel(f'loss (mean of {smooth} steps)'); ax.grid(alpha=.3)
+    if ax.get_legend_handles_labels()[0]: ax.legend()
+    fig.tight_layout(); return fig
