@@ -56,13 +56,14 @@ def demo(model: str = 'smollm2-135m-instruct',  # registry name, local folder or
 def teacher(out_dir: str = 'runs/cpu/teacher',   # output folder (JSONL + provenance.json)
             n_world: int = 300,                   # world-train questions
             n_math: int = 100,                    # MATH-train questions
+            n_world_test: int = 60,               # world-test questions (the teacher's test accuracy; under out_dir/test)
             seed: int = 0,                        # benchmark and subsample seed
             workers: int = 8,                     # concurrent conversations (llama.cpp slots)
             model: str = 'qwen2.5-coder-1.5b-instruct',  # teacher (registry name)
             binary: str = None):                  # llama-server binary (default: $LLAMA_SERVER or PATH)
     "Generate (or resume) the teacher's CoT answers and agent trajectories."
     from agent_distillation.teacher import TeacherRunConfig, run_teacher
-    prov = run_teacher(TeacherRunConfig(out_dir=out_dir, n_world=n_world, n_math=n_math, seed=seed, workers=workers,
+    prov = run_teacher(TeacherRunConfig(out_dir=out_dir, n_world=n_world, n_math=n_math, n_world_test=n_world_test, seed=seed, workers=workers,
                                         model=model, binary=binary))
     print(prov['results'])
 

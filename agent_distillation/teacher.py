@@ -17,8 +17,8 @@ from .scoring import exact_match, f1, math_equal, extract_answer, normalize_answ
 
 # %% auto #0
 __all__ = ['MODES', 'covers', 'is_correct', 'done_ids', 'generate_cot', 'generate_trajectories', 'generate_all', 'record_correct',
-           'drop_reason', 'filter_trajectories', 'to_dataset', 'TeacherRunConfig', 'teacher_examples', 'run_teacher',
-           'teacher_report', 'failure_patterns']
+           'drop_reason', 'filter_trajectories', 'to_dataset', 'TeacherRunConfig', 'teacher_examples',
+           'teacher_test_examples', 'run_teacher', 'teacher_report', 'failure_patterns']
 
 # %% ../nbs/08_teacher.ipynb #dd32d59b
 def covers(pred: str, gold: str, max_extra: int = 3) -> bool:
@@ -190,6 +190,7 @@ class TeacherRunConfig:
     model: str = 'qwen2.5-coder-1.5b-instruct'
     n_world: int = 300          # world-train questions
     n_math: int = 100           # MATH-train questions
+    n_world_test: int = 60      # world-test questions, every mode, after the training ones: the teacher's test accuracy (test/)
     seed: int = 0               # world benchmark seed and question subsample seed
     workers: int = 8            # concurrent conversations = llama-server slots (8: +15 % tokens/s over 4 on 2 cores)
     chunk: int = 40             # questions per round of CoT / agent / agent+FTP
@@ -217,6 +218,13 @@ def teacher_examples(cfg: TeacherRunConfig) -> list[Example]:
         out += math[mi:mi + cfg.chunk - k]; mi += cfg.chunk - k
     return out
 
+def teacher_test_examples(cfg: TeacherRunConfig) -> list[Example]:
+    "A seeded subset of world-test: the teacher's accuracy on entities no training question uses (not training data)."
+    import random
+    from agent_distillation.world import make_world_benchmark
+    test = make_world_benchmark(cfg.seed).test
+    return random.Random(cfg.seed).sample(test, min(cfg.n_world_test, len(test)))
+
 # %% ../nbs/08_teacher.ipynb #e17354b6
 def _provenance(cfg: TeacherRunConfig, lm_info: dict, session: dict) -> dict:
     "The run's provenance: settings, model identity, prompts, sessions, results so far."
@@ -225,10 +233,10 @@ def _provenance(cfg: TeacherRunConfig, lm_info: dict, session: dict) -> dict:
     out = Path(cfg.out_dir); p = out/'provenance.json'
     prov = load_json(p) if p.exists() else {'sessions': []}
     sessions = [s for s in prov['sessions'] if s['start'] != session['start']] + [session]
-    files = {n: read_jsonl(out/f'{n}.jsonl') for n in ('cot', 'agent', 'agent_ftp')}
-    ok = {n: sum(map(record_correct, rs)) for n, rs in files.items()}
-    summary = {n: dict(done=len(rs), correct=ok[n], accuracy=round(ok[n] / len(rs), 4) if rs else None)
-               for n, rs in files.items()}
+    def summary(d):
+        files = {n: read_jsonl(d/f'{n}.jsonl') for n in MODES}
+        ok = {n: sum(map(record_correct, rs)) for n, rs in files.items()}
+        return {n: dict(done=len(rs), correct=ok[n], accuracy=round(ok[n] / len(rs), 4) if rs else None) for n, rs in files.items()}
     hours = sum(s['wall_s'] for s in sessions) / 3600
     timed = [s for s in sessions if 'generated' in s]  # sessions that counted what they wrote
     units, timed_h = sum(s['generated'] for s in timed), sum(s['wall_s'] for s in timed) / 3600
@@ -236,9 +244,10 @@ def _provenance(cfg: TeacherRunConfig, lm_info: dict, session: dict) -> dict:
                 backend=lm_info, prompts_hash=all_prompts_hash(), settings=cfg.__dict__,
                 sampling=dict(temperature=0.0, top_p=1.0, agent_max_new_tokens=cfg.max_new_tokens,
                               cot_max_new_tokens=cfg.cot_max_new_tokens, max_steps=cfg.max_steps),
-                sessions=sessions, wall_hours=round(hours, 3), results=summary,
+                sessions=sessions, wall_hours=round(hours, 3), results=summary(out), results_world_test=summary(out/'test'),
                 generations_per_hour=round(units / timed_h, 1) if timed_h else None,  # CoT answers + trajectories written per hour
-                regenerate=f"agent-distill teacher --out_dir {cfg.out_dir} --n_world {cfg.n_world} --n_math {cfg.n_math} --seed {cfg.seed}")
+                regenerate=f"agent-distill teacher --out_dir {cfg.out_dir} --n_world {cfg.n_world} --n_math {cfg.n_math} "
+                           f"--n_world_test {cfg.n_world_test} --seed {cfg.seed}")
 
 # %% ../nbs/08_teacher.ipynb #4e678aa6
 import signal
@@ -256,10 +265,10 @@ def run_teacher(cfg: TeacherRunConfig = TeacherRunConfig()) -> dict:
     from agent_distillation.retriever import make_retrieve_tool
     from agent_distillation.world import make_world_benchmark, world_retriever
     out = Path(cfg.out_dir); out.mkdir(parents=True, exist_ok=True)
-    exs = teacher_examples(cfg)
+    exs, test = teacher_examples(cfg), teacher_test_examples(cfg)
     retrieve = make_retrieve_tool(world_retriever(make_world_benchmark(cfg.seed)), k=3)
     make_sandbox = lambda: Sandbox(tools=[retrieve])
-    count = lambda: sum(len(done_ids(out/f'{n}.jsonl')) for n in ('cot', 'agent', 'agent_ftp'))
+    count = lambda: sum(len(done_ids(d/f'{n}.jsonl')) for d in (out, out/'test') for n in MODES)
     session = dict(start=datetime.datetime.now().isoformat(timespec='seconds'), wall_s=0.0, generated=0, workers=cfg.workers)
     before = count()
     t0 = time.time()
@@ -277,6 +286,9 @@ def run_teacher(cfg: TeacherRunConfig = TeacherRunConfig()) -> dict:
         try:
             for i in range(0, len(exs), cfg.chunk):
                 generate_all(exs[i:i + cfg.chunk], lm, make_sandbox, out, cfg.workers, cfg.cot_max_new_tokens, **agent_kw)
+                record()
+            for i in range(0, len(test), cfg.chunk):  # then the held-out questions: accuracy only, never training data
+                generate_all(test[i:i + cfg.chunk], lm, make_sandbox, out/'test', cfg.workers, cfg.cot_max_new_tokens, **agent_kw)
                 record()
         finally:  # stopped (Ctrl-C, SIGTERM) or done: the provenance counts what this session wrote
             prov = record()
@@ -301,7 +313,8 @@ def teacher_report(out_dir='runs/cpu/teacher',  # a `run_teacher` folder
     files = {n: read_jsonl(out/f'{n}.jsonl') for n in names}
     if not any(files.values()): raise FileNotFoundError(f'no teacher records in {out}: run `agent-distill teacher --out_dir {out}`')
     ids = _paired(files)
-    kinds = {e.id: e.meta['type'] for e in make_world_benchmark(seed).train}
+    wb = make_world_benchmark(seed)
+    kinds = {e.id: e.meta['type'] for e in wb.train + wb.test}
     rows, kept, cost = [], [], []
     for n, rs in files.items():
         rs = [r for r in rs if r['id'] in ids]
@@ -344,7 +357,8 @@ def failure_patterns(out_dir='runs/cpu/teacher',  # a `run_teacher` folder
     from agent_distillation.world import make_world_benchmark
     out = Path(out_dir)
     files = {n: read_jsonl(out/f'{n}.jsonl') for n in ('cot', 'agent', 'agent_ftp')}
-    ids, kinds = _paired(files), {e.id: e.meta['type'] for e in make_world_benchmark(seed).train}
+    wb = make_world_benchmark(seed)
+    ids, kinds = _paired(files), {e.id: e.meta['type'] for e in wb.train + wb.test}
     rows = []
     for n, name in (('agent', 'agent'), ('agent_ftp', 'agent + FTP')):
         for dom in ('fact', 'math'):
