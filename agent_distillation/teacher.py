@@ -111,12 +111,13 @@ def _agent_record(e: Example, local, lm, make_sandbox, prefix: str | None, ftp: 
 from concurrent.futures import wait, FIRST_COMPLETED
 MODES = ('cot', 'agent', 'agent_ftp')
 
-def generate_all(examples: list[Example],    # questions to answer in every mode
+def generate_all(examples: list[Example],    # questions to answer in every mode, in the order to take them
                  lm,                         # the teacher
                  make_sandbox,               # () -> Sandbox with the tools (one per worker thread)
                  out_dir,                    # folder of cot.jsonl, agent.jsonl, agent_ftp.jsonl (appended; resumed by id)
                  workers: int = 1,           # concurrent requests
                  cot_max_new_tokens: int = 512,
+                 on_record=None,             # called as on_record(mode, record) after each record is written
                  **agent_kw) -> dict[str, list[dict]]:  # passed to `CodeAgent`
     "CoT answers and agent trajectories without and with FTP for `examples`, in one pool (resumable); the new records."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
@@ -124,31 +125,36 @@ def generate_all(examples: list[Example],    # questions to answer in every mode
     done = {m: done_ids(p) for m, p in paths.items()}
     wanted = {e.id for e in examples}
     cot = {r['id']: r['cot'] for r in iter_jsonl(paths['cot']) if r['id'] in wanted}
+    def feed():  # the work in question order: a question's CoT and plain run; its FTP run if its CoT already exists
+        for e in examples:
+            if e.id not in done['cot']: yield 'cot', e, None
+            elif e.id not in done['agent_ftp']: yield 'agent_ftp', e, first_thought_prefix(cot[e.id])
+            if e.id not in done['agent']: yield 'agent', e, None
     locks, local, new, futs = {m: threading.Lock() for m in MODES}, threading.local(), {m: [] for m in MODES}, {}
     def job(mode, e, prefix):
         rec = (_cot_record(e, lm, cot_max_new_tokens) if mode == 'cot' else
                _agent_record(e, local, lm, make_sandbox, prefix, mode == 'agent_ftp', agent_kw))
         with locks[mode]: append_jsonl(paths[mode], rec)
         return rec
-    pool = ThreadPoolExecutor(max(1, workers))
-    def submit(mode, e, prefix=None):
-        f = pool.submit(job, mode, e, prefix); futs[f] = (mode, e); return f
-    for e in examples:  # a question's CoT and plain run first; its FTP run once the CoT answer exists
-        if e.id not in done['cot']: submit('cot', e)
-        elif e.id not in done['agent_ftp']: submit('agent_ftp', e, first_thought_prefix(cot[e.id]))
-        if e.id not in done['agent']: submit('agent', e)
+    pool, queue, pending = ThreadPoolExecutor(max(1, workers)), feed(), set()
+    def submit(mode, e, prefix):
+        f = pool.submit(job, mode, e, prefix); futs[f] = (mode, e); pending.add(f)
+    def fill():  # only as much work as there are workers: the rest waits its turn, FTP runs go ahead of it
+        while len(pending) < max(1, workers) and (unit := next(queue, None)): submit(*unit)
     todo = sum(e.id not in done[m] for e in examples for m in MODES)
     try:
         with tqdm(total=len(MODES) * len(examples), initial=len(MODES) * len(examples) - todo, desc='teacher (all modes)') as bar:
-            pending = set(futs)
+            fill()
             while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for f in finished:
-                    (mode, e), rec = futs[f], f.result()
+                    pending.discard(f)
+                    (mode, e), rec = futs.pop(f), f.result()
                     new[mode].append(rec); bar.update(1)
-                    if mode == 'cot' and e.id not in done['agent_ftp']:
-                        pending.add(submit('agent_ftp', e, first_thought_prefix(rec['cot'])))
-    except BaseException:  # interrupted or failed: the requests in flight finish and are written, the queue is dropped
+                    if mode == 'cot' and e.id not in done['agent_ftp']: submit('agent_ftp', e, first_thought_prefix(rec['cot']))
+                    if on_record: on_record(mode, rec)
+                fill()
+    except BaseException:  # interrupted or failed: the requests in flight finish and are written, nothing new starts
         pool.shutdown(wait=True, cancel_futures=True); raise
     pool.shutdown()
     return new
@@ -193,7 +199,7 @@ class TeacherRunConfig:
     n_world_test: int = 60      # world-test questions, every mode, after the training ones: the teacher's test accuracy (test/)
     seed: int = 0               # world benchmark seed and question subsample seed
     workers: int = 8            # concurrent conversations = llama-server slots (8: +15 % tokens/s over 4 on 2 cores)
-    chunk: int = 40             # questions per round of CoT / agent / agent+FTP
+    chunk: int = 40             # the questions alternate in blocks of this many, both domains in proportion (30 + 10)
     max_steps: int = 5          # paper: 5
     max_new_tokens: int = 512   # per agent step (paper: 1024)
     step_prefix: str = 'Thought:'  # every agent turn starts with it: keeps the teacher in the format (see below)
@@ -277,19 +283,20 @@ def run_teacher(cfg: TeacherRunConfig = TeacherRunConfig()) -> dict:
         info = dict(server='llama.cpp ' + ('llama-server' if srv.backend != 'python' else 'llama-cpp-python'),
                     parallel_slots=cfg.workers, n_ctx_per_slot=cfg.n_ctx, gguf=srv.gguf.name)
         agent_kw = dict(max_steps=cfg.max_steps, max_new_tokens=cfg.max_new_tokens, step_prefix=cfg.step_prefix)
-        def record():  # after every chunk, so an interrupted run still says what it did
+        def record():  # every few records, so an interrupted run still says what it did
             session.update(end=datetime.datetime.now().isoformat(timespec='seconds'), wall_s=round(time.time() - t0, 1),
                            generated=count() - before)
             save_json(out/'provenance.json', prov := _provenance(cfg, info, session))
             return prov
         term = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
         try:
-            for i in range(0, len(exs), cfg.chunk):
-                generate_all(exs[i:i + cfg.chunk], lm, make_sandbox, out, cfg.workers, cfg.cot_max_new_tokens, **agent_kw)
-                record()
-            for i in range(0, len(test), cfg.chunk):  # then the held-out questions: accuracy only, never training data
-                generate_all(test[i:i + cfg.chunk], lm, make_sandbox, out/'test', cfg.workers, cfg.cot_max_new_tokens, **agent_kw)
-                record()
+            written = []
+            def tick(mode, rec):
+                written.append(mode)
+                if len(written) % cfg.workers == 0: record()
+            generate_all(exs, lm, make_sandbox, out, cfg.workers, cfg.cot_max_new_tokens, on_record=tick, **agent_kw)
+            record()  # then the held-out questions: accuracy only, never training data
+            generate_all(test, lm, make_sandbox, out/'test', cfg.workers, cfg.cot_max_new_tokens, on_record=tick, **agent_kw)
         finally:  # stopped (Ctrl-C, SIGTERM) or done: the provenance counts what this session wrote
             prov = record()
             if term is not None: signal.signal(signal.SIGTERM, term)

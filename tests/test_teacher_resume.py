@@ -104,3 +104,26 @@ def test_all_modes_interrupt_drops_the_queue(tmp_path):
     written = sum(len(read_jsonl(tmp_path/f'{m}.jsonl')) for m in ('cot', 'agent', 'agent_ftp') if (tmp_path/f'{m}.jsonl').exists())
     assert written < 15, written  # what came before q3 and what was in flight, not the 60 units
     assert time.time() - t0 < 10
+
+def test_all_modes_order_and_concurrency(tmp_path):
+    "`generate_all` keeps `workers` requests in flight, takes questions in order, and runs a question's FTP next to it."
+    import threading
+    from agent_distillation.core import Example
+    from agent_distillation.models import ScriptedLM
+    from agent_distillation.sandbox import Sandbox
+    from agent_distillation.teacher import generate_all
+    exs = [Example(f'q{i}', f'What is {i} + {i}?', str(2 * i), 'fact', 'toy') for i in range(6)]
+    active, peak, lock = [0], [0], threading.Lock()
+    def lm(messages, prefix, i):
+        with lock: active[0] += 1; peak[0] = max(peak[0], active[0])
+        time.sleep(0.02)
+        with lock: active[0] -= 1
+        q = messages[-1]['content'].split('What is ')[1].split(' +')[0]
+        if 'Think step by step' in messages[0]['content']: return f'Add.\n\n<answer>{2 * int(q)}</answer>'
+        return ('' if prefix else 'Thought: add.') + f'\n```py\nfinal_answer({q} + {q})\n```'
+    order = []
+    generate_all(exs, ScriptedLM(lm), lambda: Sandbox(), tmp_path/'one', workers=1, on_record=lambda m, r: order.append((m, r['id'])))
+    assert order == [(m, f'q{i}') for i in range(6) for m in ('cot', 'agent_ftp', 'agent')]
+    assert peak[0] == 1
+    generate_all(exs, ScriptedLM(lm), lambda: Sandbox(), tmp_path/'three', workers=3)
+    assert 2 <= peak[0] <= 3  # never more than `workers` at once
