@@ -64,6 +64,9 @@ STUDENTS_OUT := runs/cpu/students
 # adapter of a 135M student stays under 10 MB, so it is committed and loaded by default (the 0.5B one is 17.6 MB: not).
 DISTILL := nice $(BIN)/python -m agent_distillation.distill --lora_r 16 --lora_alpha 32
 students: models-big
+	@$(BIN)/python -c "import sys, json; p = json.load(open('$(TEACHER_OUT)/provenance.json')); n = p['settings']['n_world'] + p['settings']['n_math']; \
+	d = {k: v['done'] for k, v in p['results'].items()}; \
+	min(d.values()) >= n or '$(FORCE)' or sys.exit(f'the teacher run is not finished ({d}, {n} each): make teacher first, or FORCE=1')"
 	$(DISTILL) $(TEACHER_OUT)/agent.jsonl --out_dir $(STUDENTS_OUT)/smollm2-135m-agent
 	$(DISTILL) $(TEACHER_OUT)/agent_ftp.jsonl --out_dir $(STUDENTS_OUT)/smollm2-135m-agent-ftp
 	$(DISTILL) $(TEACHER_OUT)/cot.jsonl --kind cot --out_dir $(STUDENTS_OUT)/smollm2-135m-cot
