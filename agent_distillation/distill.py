@@ -663,7 +663,8 @@ def plot_students(root='runs/cpu/students', smooth: int = 5):
     from matplotlib.figure import Figure
     fig = Figure(figsize=(7, 3.5), dpi=100); ax = fig.subplots()
     for p in sorted(Path(root).glob('*/train_log.jsonl')):
-        loss, steps = [r['loss'] for r in read_jsonl(p)], [r['step'] for r in read_jsonl(p)]
+        log = read_jsonl(p)
+        loss, steps = [r['loss'] for r in log], [r['step'] for r in log]
         k = min(smooth, len(loss))
         if k: ax.plot(steps[k - 1:], [sum(loss[i - k + 1:i + 1]) / k for i in range(k - 1, len(loss))], label=p.parent.name)
     ax.set_xlabel('optimizer step'); ax.set_ylabel(f'loss (mean of {smooth} steps)'); ax.grid(alpha=.3)

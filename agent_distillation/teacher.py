@@ -303,6 +303,12 @@ def run_teacher(cfg: TeacherRunConfig = TeacherRunConfig()) -> dict:
     return prov
 
 # %% ../nbs/08_teacher.ipynb #6dbfacb7
+def _question_types(seed: int) -> dict:
+    "World question id -> its type (bridge, comparison, arithmetic), over train and test."
+    from agent_distillation.world import make_world_benchmark
+    wb = make_world_benchmark(seed)
+    return {e.id: e.meta['type'] for e in wb.train + wb.test}
+
 def _paired(files: dict) -> set:
     "Ids answered in every mode of a run."
     ids = [set(r['id'] for r in rs) for rs in files.values() if rs]
@@ -314,14 +320,12 @@ def teacher_report(out_dir='runs/cpu/teacher',  # a `run_teacher` folder
     "Accuracy by mode x domain/type, kept/dropped counts and agent costs of a teacher run, on the ids all modes answered."
     import pandas as pd
     from agent_distillation.core import load_json
-    from agent_distillation.world import make_world_benchmark
     out = Path(out_dir)
     names = {'cot': 'CoT', 'agent': 'agent', 'agent_ftp': 'agent + FTP'}
     files = {n: read_jsonl(out/f'{n}.jsonl') for n in names}
     if not any(files.values()): raise FileNotFoundError(f'no teacher records in {out}: run `agent-distill teacher --out_dir {out}`')
     ids = _paired(files)
-    wb = make_world_benchmark(seed)
-    kinds = {e.id: e.meta['type'] for e in wb.train + wb.test}
+    kinds = _question_types(seed)
     rows, kept, cost = [], [], []
     for n, rs in files.items():
         rs = [r for r in rs if r['id'] in ids]
@@ -361,11 +365,9 @@ def failure_patterns(out_dir='runs/cpu/teacher',  # a `run_teacher` folder
                      seed: int = 0):               # the world benchmark's seed (for question types)
     "Per agent mode and domain, on the ids every mode answered: how often each failure pattern occurs (%)."
     import pandas as pd
-    from agent_distillation.world import make_world_benchmark
     out = Path(out_dir)
     files = {n: read_jsonl(out/f'{n}.jsonl') for n in ('cot', 'agent', 'agent_ftp')}
-    wb = make_world_benchmark(seed)
-    ids, kinds = _paired(files), {e.id: e.meta['type'] for e in wb.train + wb.test}
+    ids, kinds = _paired(files), _question_types(seed)
     rows = []
     for n, name in (('agent', 'agent'), ('agent_ftp', 'agent + FTP')):
         for dom in ('fact', 'math'):
