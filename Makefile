@@ -37,12 +37,19 @@ models-big: install
 	$(PIP) install --no-deps $(QWEN05_PKGS) $(QWEN15_PKGS) 2> >(grep -v "is ignored: it is neither" >&2)
 
 # llama.cpp's server (parallel slots + per-slot prompt cache) for the CPU teacher, built from the llama.cpp sources
-# inside the llama-cpp-python sdist on PyPI. AMX is left out: the native build crashed in AMX kernels on this VM.
+# inside the llama-cpp-python sdist on PyPI. AMX is left out: the native build crashed in AMX kernels on a VM. AVX-512
+# is used only where this CPU has it (an AVX-512 build dies with SIGILL on an AVX2-only AMD EPYC); the binary records
+# the flags it was built with, and a machine with other flags rebuilds it.
 LLAMA_CPP_PY := 0.3.36
+cpu_has = $(shell grep -qw $(1) /proc/cpuinfo 2>/dev/null && echo ON || echo OFF)
 LLAMA_FLAGS := -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
-	-DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+	-DGGML_F16C=ON -DGGML_AVX512=$(call cpu_has,avx512f) -DGGML_AVX512_VNNI=$(call cpu_has,avx512_vnni) \
+	-DGGML_AVX512_BF16=$(call cpu_has,avx512_bf16) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
 	-DGGML_AMX_BF16=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF
-$(BIN)/llama-server: | $(STAMP)
+LLAMA_STAMP := $(VENV)/.llama-flags-$(shell echo '$(LLAMA_CPP_PY) $(LLAMA_FLAGS)' | sha256sum | cut -c1-12)
+$(LLAMA_STAMP): | $(STAMP)
+	rm -f $(VENV)/.llama-flags-* && touch $@
+$(BIN)/llama-server: $(LLAMA_STAMP)
 	rm -rf .cache/llama && mkdir -p .cache/llama
 	$(PIP) download --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PY) -d .cache/llama
 	tar -xzf .cache/llama/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz -C .cache/llama

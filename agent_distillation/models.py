@@ -452,9 +452,11 @@ def start(self: LlamaServer) -> LlamaServer:
             if httpx.get(self.base_url + '/models', timeout=2).status_code == 200: return self
         except httpx.HTTPError: pass
         time.sleep(0.25)
-    tail = Path(self.log.name).read_bytes()[-2000:].decode(errors='replace')
+    tail, rc = Path(self.log.name).read_bytes()[-2000:].decode(errors='replace'), self.proc.poll()
     self.stop()
-    raise RuntimeError(f"llama.cpp server did not become ready in {self.ready_timeout:.0f}s:\n{tail}")
+    if rc is None: raise RuntimeError(f"llama.cpp server did not become ready in {self.ready_timeout:.0f}s:\n{tail}")
+    why = ' (illegal instruction: built for a CPU with other instruction sets; rebuild it on this machine)' if rc in (-4, 132) else ''
+    raise RuntimeError(f"llama.cpp server exited with code {rc} before it was ready{why}:\n{tail}")
 
 @patch
 def stop(self: LlamaServer):

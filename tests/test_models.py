@@ -48,8 +48,16 @@ def test_openai_lm_against_llama_server(binary):
 def test_llama_server_fails_fast_on_a_bad_model(tmp_path):
     if llama_server_backend() is None: pytest.skip("no llama.cpp server installed: pip install 'llama-cpp-python[server]'")
     bad = tmp_path/'bad.gguf'; bad.write_bytes(b'not a gguf')
-    with pytest.raises(RuntimeError, match='did not become ready'):
+    with pytest.raises(RuntimeError, match='exited with code'):
         LlamaServer(bad, ready_timeout=60).start()
+
+def test_llama_server_that_dies_says_how(tmp_path):
+    "A binary built for another CPU dies of SIGILL at once: the error says so, not 'did not become ready in 120s'."
+    fake = tmp_path/'llama-server'; fake.write_text('#!/bin/sh\necho initializing ...\nkill -ILL $$\n'); fake.chmod(0o755)
+    gguf = tmp_path/'m.gguf'; gguf.write_bytes(b'')
+    with pytest.raises(RuntimeError, match=r'exited with code -4 before it was ready \(illegal instruction') as e:
+        LlamaServer(gguf, binary=str(fake), ready_timeout=60).start()
+    assert 'initializing' in str(e.value)   # the server's own last words come with it
 
 @pytest.fixture(scope='module')
 def tiny():
