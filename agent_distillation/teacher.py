@@ -256,7 +256,13 @@ def _provenance(cfg: TeacherRunConfig, lm_info: dict, session: dict) -> dict:
                            f"--n_world_test {cfg.n_world_test} --seed {cfg.seed}")
 
 # %% ../nbs/08_teacher.ipynb #4e678aa6
-import signal
+import os, platform, signal
+
+def _cpu_model() -> str:
+    "This machine's CPU model name and core count (Linux), for the provenance of a session."
+    try: name = next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
+    except (OSError, StopIteration): name = platform.processor() or platform.machine()
+    return f'{name}, {os.cpu_count()} cores'
 
 def _interrupt(signum, frame):
     "SIGTERM as Ctrl-C, so a stopped run still writes its provenance."
@@ -275,7 +281,8 @@ def run_teacher(cfg: TeacherRunConfig = TeacherRunConfig()) -> dict:
     retrieve = make_retrieve_tool(world_retriever(make_world_benchmark(cfg.seed)), k=3)
     make_sandbox = lambda: Sandbox(tools=[retrieve])
     count = lambda: sum(len(done_ids(d/f'{n}.jsonl')) for d in (out, out/'test') for n in MODES)
-    session = dict(start=datetime.datetime.now().isoformat(timespec='seconds'), wall_s=0.0, generated=0, workers=cfg.workers)
+    session = dict(start=datetime.datetime.now().isoformat(timespec='seconds'), wall_s=0.0, generated=0, workers=cfg.workers,
+                   cpu=_cpu_model())  # throughput differs between machines: each session says which CPU it ran on
     before = count()
     t0 = time.time()
     with LlamaServer(cfg.model, n_ctx=cfg.n_ctx, parallel=cfg.workers, threads=cfg.threads, binary=cfg.binary) as srv:
