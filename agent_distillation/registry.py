@@ -10,8 +10,8 @@ from pathlib import Path
 from .core import cache_path, atomic_write
 
 # %% auto #0
-__all__ = ['OFFLINE_MODELS', 'OfflineModel', 'sha256_file', 'gguf_path', 'model_dir', 'cpu_supports_bf16', 'default_dtype',
-           'load_tokenizer', 'load_model']
+__all__ = ['OFFLINE_MODELS', 'OfflineModel', 'sha256_file', 'gguf_path', 'model_dir', 'is_available', 'cpu_supports_bf16',
+           'default_dtype', 'load_tokenizer', 'load_model']
 
 # %% ../nbs/01a_registry.ipynb #98286837
 @dataclass(frozen=True)
@@ -133,6 +133,15 @@ def model_dir(name: str) -> Path:
     out = cache_path('models', name)/'hf'
     if not (out/'config.json').exists(): _convert_gguf(gguf_path(name), out)
     return out
+
+# %% ../nbs/01a_registry.ipynb #8a47bec9
+def is_available(name: str) -> bool:
+    "Whether a registry model loads here without installing anything: converted already, or its packages are installed."
+    if name == 'tiny-random' or (cache_path('models', name, mkdir=False)/'hf'/'config.json').exists(): return True
+    if name not in OFFLINE_MODELS: raise KeyError(f'unknown model {name!r}: the registry has {sorted(OFFLINE_MODELS)}')
+    try: return all(_data_files(d) for d in OFFLINE_MODELS[name].packages)
+    except FileNotFoundError: return False
+
 
 # %% ../nbs/01a_registry.ipynb #03a153fb
 def _tiny_random_dir(seed: int = 0) -> Path:
