@@ -134,7 +134,7 @@ def model_dir(name: str) -> Path:
     if not (out/'config.json').exists(): _convert_gguf(gguf_path(name), out)
     return out
 
-# %% ../nbs/01a_registry.ipynb #8a47bec9
+# %% ../nbs/01a_registry.ipynb #4070ebbd
 def is_available(name: str) -> bool:
     "Whether a registry model loads here without installing anything: converted already, or its packages are installed."
     if name == 'tiny-random' or (cache_path('models', name, mkdir=False)/'hf'/'config.json').exists(): return True
