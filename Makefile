@@ -77,9 +77,9 @@ students: models-big
 	d = {k: v['done'] for k, v in p['results'].items()}; \
 	min(d.values()) >= n or '$(FORCE)' or sys.exit(f'the teacher run is not finished ({d}, {n} each): make teacher first, or FORCE=1')"
 	$(DISTILL) $(TEACHER_OUT)/agent.jsonl --out_dir $(STUDENTS_OUT)/smollm2-135m-agent
-	$(DISTILL) $(TEACHER_OUT)/agent_ftp.jsonl --out_dir $(STUDENTS_OUT)/smollm2-135m-agent-ftp
 	$(DISTILL) $(TEACHER_OUT)/cot.jsonl --kind cot --out_dir $(STUDENTS_OUT)/smollm2-135m-cot
 	$(DISTILL) $(TEACHER_OUT)/cot.jsonl --kind cot --base qwen2.5-coder-0.5b-instruct --out_dir $(STUDENTS_OUT)/qwen2.5-coder-0.5b-cot
+	$(DISTILL) $(TEACHER_OUT)/agent_ftp.jsonl --out_dir $(STUDENTS_OUT)/smollm2-135m-agent-ftp
 
 readme:
 	$(BIN)/jupyter nbconvert --to markdown index.ipynb --output README --log-level WARN
