@@ -126,18 +126,22 @@ def _convert_gguf(gguf: Path, out: Path):
         shutil.rmtree(tmp, ignore_errors=True); raise
 
 # %% ../nbs/01a_registry.ipynb #7cc6a5b8
+def _hf_dir(name: str, mkdir: bool = True) -> Path:
+    "Where a registry model's converted HF folder lives in the cache."
+    return cache_path('models', name, mkdir=mkdir)/'hf'
+
 def model_dir(name: str) -> Path:
     "A local HF folder for a registry model, built on first use (hub ids and paths are returned unchanged)."
     if name == 'tiny-random': return _tiny_random_dir()
     if name not in OFFLINE_MODELS: return Path(name)
-    out = cache_path('models', name)/'hf'
+    out = _hf_dir(name)
     if not (out/'config.json').exists(): _convert_gguf(gguf_path(name), out)
     return out
 
 # %% ../nbs/01a_registry.ipynb #4070ebbd
 def is_available(name: str) -> bool:
     "Whether a registry model loads here without installing anything: converted already, or its packages are installed."
-    if name == 'tiny-random' or (cache_path('models', name, mkdir=False)/'hf'/'config.json').exists(): return True
+    if name == 'tiny-random' or (_hf_dir(name, mkdir=False)/'config.json').exists(): return True
     if name not in OFFLINE_MODELS: raise KeyError(f'unknown model {name!r}: the registry has {sorted(OFFLINE_MODELS)}')
     try: return all(_data_files(d) for d in OFFLINE_MODELS[name].packages)
     except FileNotFoundError: return False
