@@ -57,6 +57,9 @@ def teacher(out_dir: str = 'runs/cpu/teacher',   # output folder (JSONL + proven
             n_world: int = 300,                   # world-train questions
             n_math: int = 100,                    # MATH-train questions
             n_world_test: int = 60,               # world-test questions (the teacher's test accuracy; under out_dir/test)
+            world_split: str = 'first',           # 'first' (the first run's 300) or 'rest' (world-train minus those and validation)
+            math_benchmark: str = 'math',         # 'math' (levels 4-5) or 'math_medium' (levels 2-3, minus validation)
+            modes: str = 'cot,agent,agent_ftp',   # what to generate per question, comma-separated
             seed: int = 0,                        # benchmark and subsample seed
             workers: int = 8,                     # concurrent conversations (llama.cpp slots)
             model: str = 'qwen2.5-coder-1.5b-instruct',  # teacher (registry name)
@@ -64,6 +67,7 @@ def teacher(out_dir: str = 'runs/cpu/teacher',   # output folder (JSONL + proven
     "Generate (or resume) the teacher's CoT answers and agent trajectories."
     from agent_distillation.teacher import TeacherRunConfig, run_teacher
     prov = run_teacher(TeacherRunConfig(out_dir=out_dir, n_world=n_world, n_math=n_math, n_world_test=n_world_test, seed=seed, workers=workers,
+                                        world_split=world_split, math_benchmark=math_benchmark, modes=tuple(modes.split(',')),
                                         model=model, binary=binary))
     print(prov['results'])
 

@@ -539,6 +539,9 @@ def train_from_jsonl(records: str,                  # teacher JSONL file(s), com
                      max_steps: int = -1,           # stop early (-1: all epochs)
                      lora_r: int = 64,              # LoRA rank (paper: 64)
                      lora_alpha: int = 128,         # LoRA alpha (paper: 128)
+                     save_steps: int = 25,          # checkpoint every N optimizer steps (a resumed run starts from the latest)
+                     gradient_checkpointing: bool = False,  # recompute activations in the backward pass: less memory, ~30 % more compute
+                     dtype: str = None,             # 'bfloat16' or 'float32' (default: bf16 where the CPU/GPU has bf16 units)
                      seed: int = 0) -> TrainResult:
     "Build the SFT dataset from teacher JSONL files and train the student on it (resumable)."
     from agent_distillation.registry import load_tokenizer
@@ -550,7 +553,8 @@ def train_from_jsonl(records: str,                  # teacher JSONL file(s), com
     else: raise ValueError(f"kind must be 'agent' or 'cot', got {kind!r}")
     print(f'{kind} SFT data: {dict(stats)}')
     cfg = TrainConfig(out_dir=out_dir, epochs=epochs, lr=lr, batch_size=batch_size, micro_batch_size=micro_batch_size,
-                      batching=batching, max_steps=max_steps, seed=seed)
+                      batching=batching, max_steps=max_steps, save_steps=save_steps,
+                      gradient_checkpointing=gradient_checkpointing, dtype=dtype, seed=seed)
     return train_student(base, data, lora=default_lora(r=lora_r, lora_alpha=lora_alpha), config=cfg, tokenizer=tok)
 
 # %% ../nbs/09_distill.ipynb #d870ea9c

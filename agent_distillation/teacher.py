@@ -18,7 +18,8 @@ from .scoring import exact_match, f1, math_equal, extract_answer, normalize_answ
 # %% auto #0
 __all__ = ['MODES', 'covers', 'is_correct', 'done_ids', 'generate_cot', 'generate_trajectories', 'generate_all', 'record_correct',
            'drop_reason', 'filter_trajectories', 'to_dataset', 'TeacherRunConfig', 'teacher_examples',
-           'teacher_test_examples', 'run_teacher', 'teacher_report', 'failure_patterns']
+           'teacher_test_examples', 'world_train_splits', 'math_validation', 'math_train_pool', 'validation_examples',
+           'run_teacher', 'teacher_report', 'failure_patterns']
 
 # %% ../nbs/08_teacher.ipynb #dd32d59b
 def covers(pred: str, gold: str, max_extra: int = 3) -> bool:
@@ -118,11 +119,15 @@ def generate_all(examples: list[Example],    # questions to answer in every mode
                  workers: int = 1,           # concurrent requests
                  cot_max_new_tokens: int = 512,
                  on_record=None,             # called as on_record(mode, record) after each record is written
+                 modes: tuple = MODES,       # which of 'cot', 'agent', 'agent_ftp' to generate (FTP needs 'cot')
                  **agent_kw) -> dict[str, list[dict]]:  # passed to `CodeAgent`
     "CoT answers and agent trajectories without and with FTP for `examples`, in one pool (resumable); the new records."
+    if bad := set(modes) - set(MODES): raise ValueError(f"unknown modes {sorted(bad)}; choose from {MODES}")
+    if 'agent_ftp' in modes and 'cot' not in modes: raise ValueError("'agent_ftp' needs 'cot': the prefix comes from the CoT answer")
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     paths = {m: out/f'{m}.jsonl' for m in MODES}
-    done = {m: done_ids(p) for m, p in paths.items()}
+    everything = {e.id for e in examples}
+    done = {m: done_ids(p) if m in modes else everything for m, p in paths.items()}  # a mode left out counts as done
     wanted = {e.id for e in examples}
     cot = {r['id']: r['cot'] for r in iter_jsonl(paths['cot']) if r['id'] in wanted}
     def feed():  # the work in question order: a question's CoT and plain run; its FTP run if its CoT already exists
@@ -141,9 +146,9 @@ def generate_all(examples: list[Example],    # questions to answer in every mode
         f = pool.submit(job, mode, e, prefix); futs[f] = (mode, e); pending.add(f)
     def fill():  # only as much work as there are workers: the rest waits its turn, FTP runs go ahead of it
         while len(pending) < max(1, workers) and (unit := next(queue, None)): submit(*unit)
-    todo = sum(e.id not in done[m] for e in examples for m in MODES)
+    todo = sum(e.id not in done[m] for e in examples for m in modes)
     try:
-        with tqdm(total=len(MODES) * len(examples), initial=len(MODES) * len(examples) - todo, desc='teacher (all modes)') as bar:
+        with tqdm(total=len(modes) * len(examples), initial=len(modes) * len(examples) - todo, desc=f"teacher ({', '.join(modes)})") as bar:
             fill()
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -194,8 +199,11 @@ class TeacherRunConfig:
     "Settings of a teacher data-generation run (recorded in provenance.json)."
     out_dir: str = 'runs/cpu/teacher'
     model: str = 'qwen2.5-coder-1.5b-instruct'
-    n_world: int = 300          # world-train questions
-    n_math: int = 100           # MATH-train questions
+    n_world: int = 300          # world-train questions (at most)
+    n_math: int = 100           # MATH questions
+    world_split: str = 'first'  # 'first': the first run's seeded 300; 'rest': world-train minus those and validation
+    math_benchmark: str = 'math'  # 'math' (MATH train, levels 4-5) or 'math_medium' (levels 2-3, minus validation)
+    modes: tuple = MODES        # what to generate per question (FTP costs a third of the run)
     n_world_test: int = 60      # world-test questions, every mode, after the training ones: the teacher's test accuracy (test/)
     seed: int = 0               # world benchmark seed and question subsample seed
     workers: int = 8            # concurrent conversations = llama-server slots (8: +15 % tokens/s over 4 on 2 cores)
@@ -210,13 +218,9 @@ class TeacherRunConfig:
 
 # %% ../nbs/08_teacher.ipynb #0ff5e72f
 def teacher_examples(cfg: TeacherRunConfig) -> list[Example]:
-    "The questions of a run: a seeded subset of world-train, then of MATH-train, interleaved in chunks."
-    import random
-    from agent_distillation.data import load_benchmark
-    from agent_distillation.world import make_world_benchmark
-    world = make_world_benchmark(cfg.seed).train
-    world = random.Random(cfg.seed).sample(world, min(cfg.n_world, len(world)))
-    math = load_benchmark('math', 'train', limit=cfg.n_math, seed=cfg.seed) if cfg.n_math else []
+    "The questions of a run: world-train questions of `cfg.world_split`, then MATH ones, interleaved in chunks."
+    world = world_train_splits(cfg.seed)[cfg.world_split][:cfg.n_world]
+    math = math_train_pool(cfg.math_benchmark, cfg.seed)[:cfg.n_math]
     out, k = [], max(1, round(cfg.chunk * len(world) / max(1, len(world) + len(math))))
     wi = mi = 0
     while wi < len(world) or mi < len(math):  # each chunk mixes both domains in proportion
@@ -230,6 +234,39 @@ def teacher_test_examples(cfg: TeacherRunConfig) -> list[Example]:
     from agent_distillation.world import make_world_benchmark
     test = make_world_benchmark(cfg.seed).test
     return random.Random(cfg.seed).sample(test, min(cfg.n_world_test, len(test)))
+
+# %% ../nbs/08_teacher.ipynb #5246994a
+import random
+
+def world_train_splits(seed: int = 0,           # world benchmark seed
+                       n_first: int = 300,      # the first teacher run's questions
+                       n_validation: int = 150  # validation questions
+                      ) -> dict[str, list[Example]]:
+    "World-train cut into 'first' (the first teacher run), 'validation' and 'rest' (more teacher data); disjoint."
+    from agent_distillation.world import make_world_benchmark
+    world = make_world_benchmark(seed).train
+    first = random.Random(seed).sample(world, n_first)  # exactly the first run's draw (its order too)
+    taken = {e.id for e in first}
+    validation = random.Random(f'{seed}-validation').sample([e for e in world if e.id not in taken], n_validation)
+    taken |= {e.id for e in validation}
+    return dict(first=first, validation=validation, rest=[e for e in world if e.id not in taken])
+
+def math_validation(seed: int = 0, n: int = 60) -> list[Example]:
+    "MATH-medium validation questions (seeded; never teacher or training data)."
+    from agent_distillation.data import load_benchmark
+    pool = load_benchmark('math_medium', 'train')
+    return random.Random(f'{seed}-validation').sample(pool, n)
+
+def math_train_pool(name: str = 'math', seed: int = 0) -> list[Example]:
+    "MATH questions a teacher run may use, in seeded order: all of `name` minus the validation questions."
+    from agent_distillation.data import load_benchmark
+    held = {e.id for e in math_validation(seed)} if name == 'math_medium' else set()
+    pool = [e for e in load_benchmark(name, 'train') if e.id not in held]
+    return random.Random(seed).sample(pool, len(pool))
+
+def validation_examples(seed: int = 0) -> list[Example]:
+    "The validation split: 150 world-train and 60 MATH-medium questions that no teacher run or student trains on."
+    return world_train_splits(seed)['validation'] + math_validation(seed)
 
 # %% ../nbs/08_teacher.ipynb #e17354b6
 def _provenance(cfg: TeacherRunConfig, lm_info: dict, session: dict) -> dict:
@@ -253,7 +290,8 @@ def _provenance(cfg: TeacherRunConfig, lm_info: dict, session: dict) -> dict:
                 sessions=sessions, wall_hours=round(hours, 3), results=summary(out), results_world_test=summary(out/'test'),
                 generations_per_hour=round(units / timed_h, 1) if timed_h else None,  # CoT answers + trajectories written per hour
                 regenerate=f"agent-distill teacher --out_dir {cfg.out_dir} --n_world {cfg.n_world} --n_math {cfg.n_math} "
-                           f"--n_world_test {cfg.n_world_test} --seed {cfg.seed}")
+                           f"--n_world_test {cfg.n_world_test} --seed {cfg.seed} --world_split {cfg.world_split} "
+                           f"--math_benchmark {cfg.math_benchmark} --modes {','.join(cfg.modes)}")
 
 # %% ../nbs/08_teacher.ipynb #4e678aa6
 import os, platform, signal
@@ -301,9 +339,9 @@ def run_teacher(cfg: TeacherRunConfig = TeacherRunConfig()) -> dict:
             def tick(mode, rec):
                 written.append(mode)
                 if len(written) % cfg.workers == 0: record()
-            generate_all(exs, lm, make_sandbox, out, cfg.workers, cfg.cot_max_new_tokens, on_record=tick, **agent_kw)
+            generate_all(exs, lm, make_sandbox, out, cfg.workers, cfg.cot_max_new_tokens, on_record=tick, modes=cfg.modes, **agent_kw)
             record()  # then the held-out questions: accuracy only, never training data
-            generate_all(test, lm, make_sandbox, out/'test', cfg.workers, cfg.cot_max_new_tokens, on_record=tick, **agent_kw)
+            if test: generate_all(test, lm, make_sandbox, out/'test', cfg.workers, cfg.cot_max_new_tokens, on_record=tick, modes=cfg.modes, **agent_kw)
         finally:  # stopped (Ctrl-C, SIGTERM) or done: the provenance counts what this session wrote
             prov = record()
             if term is not None: signal.signal(signal.SIGTERM, term)
