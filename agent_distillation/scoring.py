@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_scoring.ipynb #1c92f617
 from __future__ import annotations
-import json, logging, math, queue, re, signal, string, subprocess, sys, threading, time
+import functools, json, logging, math, queue, re, signal, string, subprocess, sys, threading, time
 from collections import Counter
 from contextlib import contextmanager
 from decimal import Decimal
@@ -12,7 +12,7 @@ from .core import Example
 
 # %% auto #0
 __all__ = ['JUDGE_SYSTEM', 'normalize_answer', 'exact_match', 'f1', 'last_boxed', 'extract_answer', 'py_to_latex', 'math_equal',
-           'bench_scoring', 'judge_messages', 'parse_verdict', 'llm_judge', 'score']
+           'bench_scoring', 'judge_messages', 'parse_verdict', 'llm_judge', 'is_correct', 'score']
 
 # %% ../nbs/07_scoring.ipynb #20f1f9ff
 _ARTICLES = re.compile(r'\b(a|an|the)\b', re.UNICODE)
@@ -70,17 +70,28 @@ def last_boxed(text) -> str | None:
 
 # %% ../nbs/07_scoring.ipynb #5916fac2
 _TAG = re.compile(r'<answer>(.*?)(?:</answer>|$)', re.S | re.I)
-_SAID = re.compile(r'(?:final answer|the answer|answer)\s*(?:is|:)\s*:?\s*(.+)', re.I)
+_PHRASE = re.compile(r'\b(?:final answer|answer)\s*(?:is|:)\s*:?', re.I)
+_ABBREV = {'mr', 'mrs', 'ms', 'dr', 'st', 'mt', 'jr', 'sr', 'vs', 'etc', 'inc', 'ltd', 'co', 'ft', 'approx'}
 
 def _tagged(text: str) -> str | None:
     "The content of the last `<answer>` tag (an unclosed tag at the end counts)."
     found = [m.group(1).strip() for m in _TAG.finditer(text)]
     return found[-1] if found else None
 
+def _sentence(text: str) -> str:
+    "`text` up to its first sentence end: a line break, or `.`/`!`/`?` before a space (not after an initial or `St`)."
+    for m in re.finditer(r'\n|[.!?](?=\s|$)', text):
+        word = re.search(r'(\w+)$', text[:m.start()])
+        if m.group() == '.' and word and (len(word.group(1)) == 1 and word.group(1).isupper() or word.group(1).lower() in _ABBREV): continue
+        return text[:m.start()]
+    return text
+
 def _said(text: str) -> str | None:
-    "The rest of the line after the last 'the answer is' / 'Answer:' phrase."
-    found = [m.group(1) for m in _SAID.finditer(text)]
-    return re.sub(r'^[\s*_]+|[\s*_.]+$', '', found[-1]) if found else None
+    "What follows the last 'the answer is' / 'Answer:' phrase, up to the end of its sentence."
+    found = [m.end() for m in _PHRASE.finditer(text)]   # no phrase swallows the next: the innermost one is the last
+    if not found: return None
+    ans = _sentence(text[found[-1]:].lstrip())
+    return re.sub(r'^[\s*_]+|[\s*_]+$', '', ans) or None
 
 # %% ../nbs/07_scoring.ipynb #360c6bd8
 def extract_answer(text,              # a model's chain-of-thought reply
@@ -108,12 +119,13 @@ def _strip_math(s: str) -> str:
     return re.sub(r'\.$', '', s).strip()
 
 def _as_number(x) -> int | float | None:
-    "`x` as an int or float if it is a plain number (`13138980.0`, `'033'`, `'13,138,980'`, `'\\$32,\\!348'`), else None."
+    "`x` as an int or float if it is a plain number (`13138980.0`, `'033'`, `'13,138,980'`, `'1 200'`, `'\\$32,\\!348'`), else None."
     if isinstance(x, bool): return None
     if isinstance(x, (int, float)): return x
     s = _strip_math(x).replace('−', '-').replace('{,}', ',').replace(r'\,', '')
     s = re.sub(r'\\!\s*', '', s)
     s = re.sub(r'^(?:\\\$|\$)\s*', '', s)
+    s = re.sub(r'(?<=\d) (?=\d{3}(?:\D|$))', ',', s)          # `1 200 000`: spaces between groups of three
     if not _NUM.fullmatch(s): return None
     s = s.replace(',', '')
     return int(s) if re.fullmatch(r'[+-]?\d+', s) else float(s)
@@ -231,10 +243,11 @@ _MATH_WORDS = {'pi', 'sqrt', 'sin', 'cos', 'tan', 'cot', 'sec', 'csc', 'log', 'l
 _UNITS = re.compile(r'(.*?(?:\d\s*|\}\s+))((?:[A-Za-z]{2,}\s*)+)')
 
 def _tidy(s: str) -> str:
-    "Unicode maths as LaTeX, and trailing unit words after a number as `\\text{}`."
+    "Unicode maths as LaTeX, `3 1/2` as a mixed number, and trailing unit words after a number as `\\text{}`."
     for u, latex in _UNICODE.items(): s = s.replace(u, latex)
     s = re.sub(r'√\(([^()]*)\)', r'\\sqrt{\1}', s).replace('√', r'\sqrt ')
     s = re.sub(r'(?<![\w.])(\d+(?:\.\d+)?)[eE]([+-]\d+)(?!\w)', r'\1 \\times 10^{\2}', s)   # 4.4e-05: Python's scientific notation
+    s = re.sub(r'^\s*([+-]?\d+)\s+(\d+)/(\d+)\s*$', r'\1\\frac{\2}{\3}', s)   # `3 1/2`: a mixed number
     m = _UNITS.fullmatch(s.strip())
     if m and not {w.lower() for w in m.group(2).split()} & _MATH_WORDS: s = m.group(1).rstrip() + r' \text{ ' + m.group(2).strip() + '}'
     return s.strip()
@@ -445,15 +458,68 @@ def llm_judge(question,                # the question asked
     reply = lm.generate([judge_messages(question, pred, gold)], n=1, temperature=0.0, max_new_tokens=max_new_tokens, stop=None)
     return bool(parse_verdict(reply[0][0]))
 
+# %% ../nbs/07_scoring.ipynb #69b462cd
+_NOT_UNITS = {'or', 'and', 'not', 'nor', 'but', 'to', 'than', 'plus', 'minus', 'times', 'of', 'bc', 'bce', 'ad', 'ce'}
+_PLACE_ALIASES = {'usa', 'us', 'uk', 'america', 'britain', 'great britain', 'holland'}
+
+@functools.lru_cache(maxsize=1)
+def _places() -> frozenset:
+    "Normalised names of countries and of their first-level nations, states and provinces (ISO 3166 via pycountry)."
+    import pycountry
+    names = {n for c in pycountry.countries for n in (c.name, getattr(c, 'common_name', None), getattr(c, 'official_name', None)) if n}
+    names |= {s.name for s in pycountry.subdivisions if s.type in ('Country', 'Nation', 'State') or s.country_code == 'GB' and s.type == 'Province'}
+    return frozenset(normalize_answer(re.sub(r'\s*\[.*\]', '', n)) for n in names) | _PLACE_ALIASES
+
+# %% ../nbs/07_scoring.ipynb #2c531267
+def _head_without_places(pred: str) -> str:
+    "`pred` with its trailing place qualifiers (`, Country` or `(State)`) removed."
+    while m := re.fullmatch(r'(.+?)\s*(?:,\s*([^,()]+)|\(([^()]+)\))\s*\.?', pred.strip()):
+        if normalize_answer(m.group(2) or m.group(3)) not in _places(): break
+        pred = m.group(1)
+    return pred
+
+def _located_in_gold(pred: str, gold) -> bool:
+    "Whether `pred` is `<one place>, <gold>` for a gold that is a country or state (`Lyon, France` for `France`)."
+    m = re.fullmatch(r'([^,()]+),\s*([^,()]+?)\s*\.?', pred.strip())
+    if not m or normalize_answer(m.group(2)) != normalize_answer(gold) or normalize_answer(gold) not in _places(): return False
+    head = normalize_answer(m.group(1)).split()
+    return bool(head) and ' '.join(head) not in _places() and not set(head) & _NOT_UNITS
+
+def _number_with_unit(pred: str, gold) -> bool:
+    "Whether `pred` is the number `gold` followed by one or two unit words (`23 years`)."
+    m = re.fullmatch(r'\s*(\S+)\s+([A-Za-z]+(?:\s+[A-Za-z]+)?)\s*\.?\s*', pred)
+    g, p = _as_number(str(gold)), m and _as_number(m.group(1))
+    return g is not None and p is not None and _numbers_equal(p, g) and not {w.lower() for w in m.group(2).split()} & _NOT_UNITS
+
+# %% ../nbs/07_scoring.ipynb #87b64afa
+def _fact_correct(pred: str, gold) -> bool:
+    "One factual answer against one gold: exact match, the same number, the gold with a place or unit qualifier, or a place in the gold."
+    if exact_match(pred, gold) or exact_match(_head_without_places(pred), gold) or _located_in_gold(pred, gold): return True
+    p, g = _as_number(pred), _as_number(str(gold))
+    return (p is not None and g is not None and _numbers_equal(p, g)) or _number_with_unit(pred, gold)
+
+def is_correct(pred,                  # the final answer (None or empty: no answer)
+               gold,                  # the gold answer, or a list of acceptable ones
+               domain: str = 'fact',  # 'fact' or 'math'
+               timeout: float = 5.0   # `math_equal`'s time limit
+              ) -> bool:
+    "The one correctness rule of the project: `math_equal` for math; exact match or a place/unit-qualified gold for facts."
+    if pred is None or str(pred).strip() == '': return False
+    if domain == 'math': return math_equal(pred, gold, timeout=timeout)
+    if domain != 'fact': raise ValueError(f"unknown domain {domain!r}: expected 'fact' or 'math'")
+    return any(_fact_correct(str(pred), g) for g in _golds(gold))
+
 # %% ../nbs/07_scoring.ipynb #57be351f
 def score(pred,                   # the model's final answer (None if it gave none)
           example: Example,       # the question with its gold answer and domain
           lm=None,                # optional LLM judge for factual questions
           timeout: float = 5.0    # time limit for `math_equal`
          ) -> dict:
-    "Metrics of `pred` against `example`: {'acc'} for math; {'em', 'f1', 'acc'} (+ 'judge') for facts."
-    if example.domain == 'math': return {'acc': float(math_equal(pred, example.answer, timeout=timeout))}
-    if example.domain != 'fact': raise ValueError(f"unknown domain {example.domain!r} of {example.source} {example.id}: expected 'fact' or 'math'")
+    "Metrics of `pred` against `example`: {'acc'} for math; {'em', 'f1', 'acc'} (+ 'judge') for facts; `acc` is `is_correct`."
+    if example.domain not in ('fact', 'math'):
+        raise ValueError(f"unknown domain {example.domain!r} of {example.source} {example.id}: expected 'fact' or 'math'")
+    acc = float(is_correct(pred, example.answer, example.domain, timeout=timeout))
+    if example.domain == 'math': return {'acc': acc}
     out = {'em': exact_match(pred, example.answer), 'f1': f1(pred, example.answer)}
     if lm is not None: out['judge'] = float(llm_judge(example.question, pred, example.answer, lm))
-    return {**out, 'acc': out.get('judge', out['em'])}
+    return {**out, 'acc': acc}

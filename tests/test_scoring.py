@@ -1,4 +1,5 @@
-"""Guards for scoring: `math_equal` off the main thread (helper processes, time limits, a stuck helper killed and
+"""Guards for scoring: the one correctness rule `is_correct` (mentions of the gold are wrong), answer extraction up to
+the sentence end, `math_equal` off the main thread (helper processes, time limits, a stuck helper killed and
 replaced), the main thread's SIGALRM bookkeeping, and the LLM judge's control flow with a replayed judge."""
 import os, signal, time
 from concurrent.futures import ThreadPoolExecutor
@@ -108,8 +109,46 @@ def test_score_end_to_end_from_cot():
     fact = Example('q1', 'Which city hosted the 1900 Olympics?', 'Paris', 'fact', 'hotpotqa')
     gsm = Example('q2', 'How many apples?', 13138980.0, 'math', 'gsm_hard')
     math500 = Example('q3', 'Convert to polar.', r'\left( 3, \frac{\pi}{2} \right)', 'math', 'math500')
-    assert score(extract_answer('It was in France.\n<answer>Paris, France</answer>', 'fact'), fact) == {'em': 0.0, 'f1': pytest.approx(2/3), 'acc': 0.0}
-    assert score('Paris, France', fact, lm=ReplayLM(['Yes']))['acc'] == 1.0
+    assert score(extract_answer('It was in France.\n<answer>Paris, France</answer>', 'fact'), fact) == {'em': 0.0, 'f1': pytest.approx(2/3), 'acc': 1.0}
+    assert score('Paris, France', fact, lm=ReplayLM(['Yes']))['judge'] == 1.0
     assert score(extract_answer(r'2 \times 218983 \times 30 = \boxed{13{,}138{,}980}', 'math'), gsm) == {'acc': 1.0}
     assert score(extract_answer(r'r = 3, so the point is $\boxed{(3, \frac{\pi}{2})}$.', 'math'), math500) == {'acc': 1.0}
     assert _in_thread(score, '(3, pi/2)', math500) == {'acc': 1.0}
+
+# The one correctness rule (filter, evaluation and tables): answers that merely mention the gold are wrong.
+MENTIONS = [('no, not yes', 'yes'), ('not Paris but Lyon', 'Paris'), ('Lyon, Marseille, Paris', 'Paris'), ('1911 or 1912', '1912'),
+            ('Paris or Lyon', 'Paris'), ('Lyon, Paris', 'Paris'), ('Paris, Lyon', 'Paris'), ('either yes or no', 'yes'),
+            ('yes, no', 'yes'), ('1912, 1913', '1912'), ('Breneal Pictures, Moro Records', 'Breneal Pictures'),
+            ('Paris (or Lyon)', 'Paris'), ('1912 BC', '1912'), ('Paris, France, or Lyon', 'Paris'), ('Germany, France', 'France'),
+            ('not Lyon, France', 'France'), ('Lyon, Paris', 'Lyon')]
+QUALIFIED = [('Paris', 'Paris'), ('paris.', 'Paris'), ('Paris, France', 'Paris'), ('Loranby, Argentina', 'Loranby'),
+             ('Corartorfield, Scotland', 'Corartorfield'), ('Springfield (Illinois)', 'Springfield'), ('23 years', '23'),
+             ('1912.0', '1912'), ('1,912', '1912'), ('The Beatles', 'Beatles'), ('Lyon', ['Paris', 'Lyon']),
+             ('Dorirgarburg, Scotland', 'Scotland'), ('Stockholm, Sweden', 'Sweden')]
+
+@pytest.mark.parametrize('pred,gold', MENTIONS)
+def test_is_correct_rejects_mentions(pred, gold):
+    assert scoring.is_correct(pred, gold, 'fact') is False
+
+@pytest.mark.parametrize('pred,gold', QUALIFIED)
+def test_is_correct_accepts_the_gold_with_a_place_or_unit(pred, gold):
+    assert scoring.is_correct(pred, gold, 'fact') is True
+
+def test_score_acc_is_is_correct():
+    "`score`'s acc is the same rule the teacher's filter uses; EM, F1 and the judge are extra columns."
+    fact = Example('q', 'Which city?', 'Paris', 'fact', 'hotpotqa')
+    for pred, gold in MENTIONS[:4] + QUALIFIED[:4]:
+        ex = Example('q', 'q?', gold, 'fact', 'hotpotqa')
+        assert score(pred, ex)['acc'] == float(scoring.is_correct(pred, gold, 'fact'))
+    assert score('Lyon, Marseille, Paris', fact, lm=ReplayLM(['Yes']))['acc'] == 0.0   # a lenient judge is a column, not the rule
+    assert scoring.is_correct(r'\dfrac{1}{2}', '0.5', 'math') and not scoring.is_correct('0.49', '0.5', 'math')
+
+@pytest.mark.parametrize('text,want', [
+    ('Final Answer: The final answer is Paris. I hope it is correct.', 'Paris'),
+    ('The answer is Paris. It is the capital of France.', 'Paris'),
+    ('The answer is 3.14. That is pi.', '3.14'), ('Answer: 1,200.', '1,200'), ('the answer is: 2.5e3! ok', '2.5e3'),
+    ('The answer is Dr. No. A film.', 'Dr. No'), ('Answer: J. R. R. Tolkien. He wrote it.', 'J. R. R. Tolkien'),
+    ('I think the answer is yes? Maybe.', 'yes'), ('The answer is Paris\nand more text', 'Paris'),
+    ('Answer is Lyon. No wait, the final answer is Paris.', 'Paris')])
+def test_extract_answer_stops_at_the_sentence_end(text, want):
+    assert extract_answer(text) == want
