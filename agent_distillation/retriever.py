@@ -5,7 +5,7 @@
 # %% ../nbs/02_retriever.ipynb #038d19f9
 from __future__ import annotations
 import gzip, hashlib, importlib.util, json, operator, os, re, shutil, socket, tempfile, threading, time, random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -14,9 +14,9 @@ from fastcore.basics import patch
 from .core import cache_path, save_json, load_json
 
 # %% auto #0
-__all__ = ['WIKI_OFFLINE_PACKAGE', 'WIKI_OFFLINE_INSTALL', 'BACKENDS', 'METHODS', 'TOKENIZER', 'Passage', 'Corpus',
-           'wikipedia_offline_path', 'tokenize', 'Hit', 'BM25Retriever', 'wikipedia_retriever', 'format_hits',
-           'make_retrieve_tool', 'hits_to_protocol', 'hits_from_protocol', 'make_app', 'RetrieverServer',
+__all__ = ['WIKI_OFFLINE_PACKAGE', 'WIKI_OFFLINE_INSTALL', 'BACKENDS', 'METHODS', 'OKAPI_EPSILON', 'TOKENIZER', 'Passage',
+           'Corpus', 'wikipedia_offline_path', 'tokenize', 'Hit', 'okapi_idf', 'BM25Retriever', 'wikipedia_retriever',
+           'format_hits', 'make_retrieve_tool', 'hits_to_protocol', 'hits_from_protocol', 'make_app', 'RetrieverServer',
            'serve_retriever', 'RemoteRetriever', 'sentence_passages', 'synthetic_passages', 'bench_corpus',
            'bench_queries', 'bench_retriever', 'bench_table']
 
@@ -175,14 +175,13 @@ class Hit:
     def _repr_markdown_(self): return f"**{self.title}** (`{self.id}`, score {self.score:.2f}): {self.text}"
 
 def _check_search(queries, k) -> int:
-    "Validate a batch of queries and `k`; returns `k` as an int."
+    "Validate a batch of queries (strings; an empty one simply matches nothing) and `k`; returns `k` as an int."
     if isinstance(queries, str): raise TypeError("search_batch takes a list of queries; use search(query) for one")
     try: k = operator.index(k)
     except TypeError: raise TypeError(f"k must be an integer, got {k!r}") from None
     if k < 1: raise ValueError(f"k must be at least 1, got {k}")
     for q in queries:
         if not isinstance(q, str): raise TypeError(f"a query must be a string, got {type(q).__name__}")
-        if not q.strip(): raise ValueError("empty query: a query must contain some words")
     return k
 
 # %% ../nbs/02_retriever.ipynb #d8ef7c0f
@@ -193,16 +192,39 @@ def _passage_tokens(corpus: Corpus) -> list[list[str]]:
     return tokenize([f'{p.title} {p.text}' for p in corpus])
 
 METHODS = {'bm25s': ('lucene', 'okapi'), 'rank_bm25': ('okapi',)}  # the first is the backend's default
-_BM25S_METHOD = {'okapi': dict(method='atire', idf_method='robertson'), 'lucene': dict(method='lucene', idf_method='lucene')}
+OKAPI_EPSILON = 0.25  # the floor of a term's Okapi weight, as a share of the weight of a term found in one passage
+
+def okapi_idf(df: np.ndarray, n_docs: int) -> np.ndarray:
+    "Okapi's idf of terms found in `df` of `n_docs` passages, floored at a positive weight (common terms still count)."
+    floor = OKAPI_EPSILON * max(np.log((n_docs - 0.5) / 1.5), np.log(2))
+    return np.maximum(np.log((n_docs - df + 0.5) / (df + 0.5)), floor)
+
+# %% ../nbs/02_retriever.ipynb #d8afc161
+def _bm25s_okapi(tokens, k1: float, b: float):
+    "bm25s's sparse index with Okapi weights: built with Lucene's idf (never 0), each term's column rescaled to `okapi_idf`."
+    index = bm25s.BM25(k1=k1, b=b, method='atire', idf_method='lucene')
+    index.index(tokens, show_progress=False)
+    s, n = index.scores, index.scores['num_docs']
+    df = np.diff(s['indptr'])
+    lucene = np.log(1 + (n - df + 0.5) / (df + 0.5))
+    s['data'] = (s['data'] * np.repeat(okapi_idf(df, n) / lucene, df)).astype(s['data'].dtype)
+    return index
+
+def _rank_bm25_okapi(tokens, k1: float, b: float):
+    "rank_bm25's BM25Okapi with the same floored idf."
+    from rank_bm25 import BM25Okapi
+    index = BM25Okapi(tokens, k1=k1, b=b)
+    df = Counter(t for doc in tokens for t in set(doc))
+    index.idf = dict(zip(df, okapi_idf(np.array(list(df.values())), len(tokens)).tolist()))
+    return index
 
 def _build_index(backend: str, tokens: list[list[str]], k1: float, b: float, method: str):
     "A BM25 index of tokenised passages with the chosen backend and scoring method."
-    if backend == 'bm25s':
-        index = bm25s.BM25(k1=k1, b=b, **_BM25S_METHOD[method])
-        index.index(tokens, show_progress=False)
-        return index
-    from rank_bm25 import BM25Okapi
-    return BM25Okapi(tokens, k1=k1, b=b)
+    if backend == 'rank_bm25': return _rank_bm25_okapi(tokens, k1, b)
+    if method == 'okapi': return _bm25s_okapi(tokens, k1, b)
+    index = bm25s.BM25(k1=k1, b=b, method='lucene', idf_method='lucene')
+    index.index(tokens, show_progress=False)
+    return index
 
 # %% ../nbs/02_retriever.ipynb #5af82b4d
 class BM25Retriever:
@@ -284,7 +306,8 @@ def cached(cls: BM25Retriever, corpus: Corpus, backend: str = 'bm25s', k1: float
            cache_dir=None) -> BM25Retriever:   # default: the configured cache directory
     "The retriever of `corpus`, loaded from the cache, or built and saved there the first time."
     method = method or METHODS.get(backend, ('',))[0]
-    key = re.sub(r'[^\w.+-]+', '_', f'{corpus.name}-{backend}-{method}-k1_{k1}-b_{b}-{corpus.fingerprint()}')
+    tag = 'okapi_floor' if method == 'okapi' else method   # okapi indexes before the idf floor are not reused
+    key = re.sub(r'[^\w.+-]+', '_', f'{corpus.name}-{backend}-{tag}-k1_{k1}-b_{b}-{corpus.fingerprint()}')
     d = cache_path('indexes', cache_dir=cache_dir)/key
     if (d/'retriever.json').is_file(): return cls.load(d, corpus=corpus)
     r = cls(corpus, backend, k1, b, method)
@@ -347,16 +370,29 @@ def hits_from_protocol(response: dict, n_queries: int) -> list[list[Hit]]:
     return [[hit(item) for item in items] for items in result]
 
 # %% ../nbs/02_retriever.ipynb #c3bfc095
+def _answer_each(retriever, queries: list, k: int) -> list[list[Hit]]:
+    "Hits for every query of a batch; one the retriever cannot search (not a string, empty, refused) gets [] alone."
+    out = [[] for _ in queries]
+    ok = [i for i, q in enumerate(queries) if isinstance(q, str) and q.strip()]
+    try: found = retriever.search_batch([queries[i] for i in ok], k)
+    except (ValueError, TypeError):           # some query was refused: ask one at a time so the others still answer
+        found = []
+        for i in ok:
+            try: found.append(retriever.search(queries[i], k))
+            except (ValueError, TypeError): found.append([])
+    for i, hits in zip(ok, found): out[i] = hits
+    return out
+
 def make_app(retriever, default_k: int = 3):
     "A FastAPI app serving `retriever` over the Search-R1 protocol (`POST /retrieve`, `GET /health`)."
     from fastapi import FastAPI, HTTPException
     from pydantic import create_model
-    QueryRequest = create_model('QueryRequest', queries=(list[str], ...), topk=(int | None, None), return_scores=(bool, False))
+    QueryRequest = create_model('QueryRequest', queries=(list, ...), topk=(int | None, None), return_scores=(bool, False))
     app = FastAPI(title='agent-distillation retriever')
     def retrieve(request):
-        try: results = retriever.search_batch(request.queries, default_k if request.topk is None else request.topk)
+        try: k = _check_search([], default_k if request.topk is None else request.topk)
         except (ValueError, TypeError) as e: raise HTTPException(status_code=400, detail=str(e))
-        return hits_to_protocol(results, request.return_scores)
+        return hits_to_protocol(_answer_each(retriever, request.queries, k), request.return_scores)
     retrieve.__annotations__ = {'request': QueryRequest}  # real types: FastAPI reads the body model from the annotation
     app.post('/retrieve')(retrieve)
     app.get('/health')(lambda: {'status': 'ok', 'retriever': repr(retriever)})
