@@ -120,7 +120,10 @@ def iter_jsonl(path) -> Iterator[dict]:
     with open(path, 'rb') as f:
         for i, line in enumerate(f):
             if not line.endswith(b'\n'): break  # torn by a kill mid-write
-            if line.strip(): yield json.loads(line)
+            if not line.strip(): continue
+            try: rec = json.loads(line)
+            except json.JSONDecodeError as e: raise ValueError(f"{path}, line {i + 1}: not valid JSON ({e.msg}); expected one JSON object per line") from e
+            yield rec
 
 def read_jsonl(path) -> list[dict]:
     "All complete records of a JSONL file (empty if it does not exist)."

@@ -12,7 +12,7 @@ __all__ = ['THOUGHT', 'CODE_OPEN', 'CODE_CLOSE', 'END_CODE', 'OBSERVATION', 'STO
            'RULES', 'TEACHER_SYSTEM', 'STUDENT_SYSTEM', 'TASK_SUFFIX', 'COT_SYSTEM', 'format_action',
            'format_observation', 'final_answer', 'describe_tool', 'describe_tools', 'render_example',
            'teacher_system_prompt', 'student_system_prompt', 'task_message', 'agent_messages', 'cot_messages',
-           'first_thought_prefix', 'prompt_hash', 'all_prompts_hash']
+           'first_paragraph_prefix', 'first_thought_prefix', 'prompt_hash', 'all_prompts_hash']
 
 # %% ../nbs/05_prompts.ipynb #06e23d6a
 THOUGHT, CODE_OPEN, CODE_CLOSE, END_CODE = 'Thought:', '```py', '```', '<end_code>'
@@ -169,13 +169,23 @@ def cot_messages(question: str, domain: str = 'fact', context: str | None = None
     user = question.strip() if context is None else f"Passages:\n{context.strip()}\n\nQuestion: {question.strip()}"
     return [{'role': 'system', 'content': COT_SYSTEM[domain]}, {'role': 'user', 'content': user}]
 
+# %% ../nbs/05_prompts.ipynb #e922bee5
+def _strip_answer(cot_text: str) -> str:
+    "A CoT reply without its answer tag and a leading 'Thought:'/'Step 1:'."
+    text = re.sub(r'<answer>.*?(</answer>|$)', '', cot_text or '', flags=re.S)
+    return re.sub(r'^\s*(Thought:|Step 1:)\s*', '', text.strip())
+
+def first_paragraph_prefix(cot_text: str) -> str:
+    "The paper's first-thought prefix: `Thought: ` + the first paragraph of a CoT answer (answer tags removed)."
+    para = next((p for p in re.split(r'\n\s*\n', _strip_answer(cot_text)) if p.strip()), '')
+    return f"{THOUGHT} {' '.join(para.split())}".rstrip()
+
 # %% ../nbs/05_prompts.ipynb #7d2c948a
 _PLAN_ITEM = re.compile(r'^(\d+[.)]|[-*])\s+')
 
 def first_thought_prefix(cot_text: str, max_chars: int = 300) -> str:
-    "`Thought: ` + the first sentence of a chain-of-thought answer, with the plan it announces (answers and facts left out)."
-    text = re.sub(r'<answer>.*?(</answer>|$)', '', cot_text or '', flags=re.S)
-    text = re.sub(r'^\s*(Thought:|Step 1:)\s*', '', text.strip())
+    "Our plan rule: `Thought: ` + the CoT's first sentence and the plan items it announces (items with digits left out)."
+    text = _strip_answer(cot_text)
     lines = [l.strip() for l in text.splitlines() if l.strip()]
     if not lines: return THOUGHT
     m = re.match(r'(.+?[.?:])(\s|$)', lines[0])

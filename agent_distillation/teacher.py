@@ -13,26 +13,13 @@ from tqdm.auto import tqdm
 from .core import Example, append_jsonl, read_jsonl, iter_jsonl
 from .prompts import cot_messages, first_thought_prefix, all_prompts_hash
 from .agent import CodeAgent, Trajectory
-from .scoring import exact_match, f1, math_equal, extract_answer, normalize_answer
+from .scoring import extract_answer, is_correct
 
 # %% auto #0
-__all__ = ['MODES', 'covers', 'is_correct', 'done_ids', 'generate_cot', 'generate_trajectories', 'generate_all', 'record_correct',
-           'drop_reason', 'filter_trajectories', 'to_dataset', 'TeacherRunConfig', 'teacher_examples',
-           'teacher_test_examples', 'world_train_splits', 'math_validation', 'math_train_pool', 'validation_examples',
-           'run_teacher', 'teacher_report', 'failure_patterns']
-
-# %% ../nbs/08_teacher.ipynb #dd32d59b
-def covers(pred: str, gold: str, max_extra: int = 3) -> bool:
-    "The normalised gold appears whole in the normalised prediction, which has at most `max_extra` more words."
-    p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
-    return bool(g) and len(p) <= len(g) + max_extra and any(p[i:i + len(g)] == g for i in range(len(p) - len(g) + 1))
-
-def is_correct(pred, ex: Example, f1_threshold: float = 0.8, max_extra: int = 3) -> bool:
-    "Whether `pred` answers `ex` (EM, F1 ≥ threshold or a covering short answer for facts; `math_equal` for math)."
-    if pred is None: return False
-    if ex.domain == 'math': return bool(math_equal(str(pred), ex.answer))
-    pred, gold = str(pred), str(ex.answer)
-    return bool(exact_match(pred, gold)) or f1(pred, gold) >= f1_threshold or covers(pred, gold, max_extra)
+__all__ = ['MODES', 'done_ids', 'generate_cot', 'generate_trajectories', 'generate_all', 'record_correct', 'drop_reason',
+           'filter_trajectories', 'to_dataset', 'TeacherRunConfig', 'teacher_examples', 'teacher_test_examples',
+           'world_train_splits', 'math_validation', 'math_train_pool', 'validation_examples', 'run_teacher',
+           'teacher_report', 'failure_patterns']
 
 # %% ../nbs/08_teacher.ipynb #12b2c6c7
 def done_ids(path) -> set:
@@ -66,7 +53,7 @@ def _cot_record(e: Example, lm, max_new_tokens: int) -> dict:
     text = lm.generate([msgs], n=1, temperature=0.0, max_new_tokens=max_new_tokens)[0][0]
     pred = extract_answer(text, e.domain)
     return dict(id=e.id, question=e.question, gold=e.answer, domain=e.domain, source=e.source, cot=text,
-                prediction=pred, correct=is_correct(pred, e), messages=msgs + [{'role': 'assistant', 'content': text}],
+                prediction=pred, correct=is_correct(pred, e.answer, e.domain), messages=msgs + [{'role': 'assistant', 'content': text}],
                 wall_s=round(time.time() - t0, 2))
 
 def generate_cot(examples: list[Example], lm, out, workers: int = 1, max_new_tokens: int = 512) -> list[dict]:
@@ -77,7 +64,7 @@ def generate_cot(examples: list[Example], lm, out, workers: int = 1, max_new_tok
 def _traj_record(t: Trajectory, e: Example, ftp: bool) -> dict:
     "The JSONL record of one trajectory."
     return dict(id=e.id, question=e.question, gold=e.answer, domain=e.domain, source=e.source, ftp=ftp, prefix=t.prefix,
-                final_answer=t.final_answer, correct=is_correct(t.final_answer, e) if t.answered else False,
+                final_answer=t.final_answer, correct=is_correct(t.final_answer, e.answer, e.domain) if t.answered else False,
                 answered=t.answered, n_steps=len(t.steps), retrieval_calls=t.retrieval_calls,
                 parse_failures=t.parse_failures, code_errors=t.code_errors, wall_s=round(t.wall_s, 2),
                 prompt_tokens=t.prompt_tokens, completion_tokens=t.completion_tokens,
@@ -166,13 +153,12 @@ def generate_all(examples: list[Example],    # questions to answer in every mode
 
 # %% ../nbs/08_teacher.ipynb #bd4dcc80
 def record_correct(r: dict) -> bool:
-    "Score a stored record (agent or CoT) again with today's `is_correct`: its `correct` flag may predate a scoring fix."
+    "Score a stored record (agent or CoT) again with `scoring.is_correct`: its stored `correct` flag may predate a scoring fix."
     missing = [k for k in ('gold', 'domain') if k not in r]
     if missing: raise ValueError(f"record {r.get('id', '?')!r} has no {missing}: it cannot be scored")
     if r.get('answered') is False: return False
     pred = r['final_answer'] if 'final_answer' in r else r.get('prediction')
-    return is_correct(pred, Example(id=r.get('id', ''), question=r.get('question', ''), answer=r['gold'],
-                                    domain=r['domain'], source=r.get('source', '')))
+    return is_correct(pred, r['gold'], r['domain'])
 
 def drop_reason(r: dict) -> str | None:
     "Why a trajectory record is not kept (None: keep). Correctness is re-scored, not read from the record."
