@@ -4,8 +4,8 @@
 
 # %% ../nbs/03_sandbox.ipynb #b974f808
 from __future__ import annotations
-import ast, builtins, ctypes, gc, io, json, linecache, os, platform, resource, select, selectors, shutil, signal, socket
-import struct, subprocess, sys, sysconfig, tempfile, threading, time, traceback, weakref
+import ast, builtins, ctypes, gc, io, json, linecache, os, platform, re, resource, select, selectors, shutil, signal
+import socket, struct, subprocess, sys, sysconfig, tempfile, threading, time, traceback, weakref
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +48,9 @@ ALLOWED_IMPORTS = PAPER_IMPORTS + ('fractions', 'decimal', 'functools', 'operato
                                    'pprint', 'difflib', 'array', 'mpmath')
 
 # %% ../nbs/03_sandbox.ipynb #7e63a18f
-_MAX_MSG = 64 << 20  # bytes; a bigger message from the worker is a protocol error
+_MAX_MSG = 64 << 20        # bytes; the most any message may have (the parent's tool results)
+_MAX_UNTRUSTED = 4 << 20   # bytes; the most a message from the worker may have
+_MAX_ITEMS = 200_000       # brackets and separators in one message from the worker: bounds what it decodes into
 
 class SandboxDied(Exception):
     "The worker's channel closed or spoke garbage: the process died or was tampered with."
@@ -62,7 +64,28 @@ def _send(sock, obj, fds=()):
         msg = msg[sent:]
     if msg: sock.sendall(msg)
 
+def _decode(data: bytes, max_items: int | None = None) -> dict:
+    "One message body as a dict; garbage, a non-object or too many items raises `SandboxDied`."
+    if max_items is not None and sum(data.count(c) for c in b'[{,:') > max_items:
+        raise SandboxDied(f'message with more than {max_items} items')
+    try: msg = json.loads(data)
+    except (ValueError, RecursionError) as e: raise SandboxDied(f'malformed message: {str(e)[:100]}') from None
+    if not isinstance(msg, dict): raise SandboxDied(f'message is a JSON {type(msg).__name__}, not an object')
+    return msg
+
 # %% ../nbs/03_sandbox.ipynb #75621110
+def _ancillary(anc, fds: list | None, creds: list | None = None):
+    "Collect passed file descriptors into `fds` (closing them if unwanted) and senders' pids into `creds`."
+    for level, kind, data in anc:
+        if level != socket.SOL_SOCKET: continue
+        if kind == socket.SCM_RIGHTS:
+            got = array('i', data[:len(data) - len(data) % 4])
+            if fds is None:
+                for fd in got: os.close(fd)
+            else: fds.extend(got)
+        elif kind == socket.SCM_CREDENTIALS and creds is not None and len(data) >= 12:
+            creds.append(struct.unpack('3i', data[:12])[0])
+
 def _recv_exact(sock, n: int, fds: list | None = None) -> bytes:
     "Read exactly `n` bytes (collecting any passed file descriptors into `fds`)."
     buf = b''
@@ -70,19 +93,46 @@ def _recv_exact(sock, n: int, fds: list | None = None) -> bytes:
         if fds is None: chunk = sock.recv(n - len(buf))
         else:
             chunk, anc, _, _ = sock.recvmsg(n - len(buf), socket.CMSG_SPACE(64 * 4))
-            for level, kind, data in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.extend(array('i', data[:len(data) - len(data) % 4]))
+            _ancillary(anc, fds)
         if not chunk: raise SandboxDied('channel closed')
         buf += chunk
     return buf
 
-def _recv(sock, fds: list | None = None):
-    "Receive one message; a closed channel or garbage raises `SandboxDied`."
+def _recv(sock, fds: list | None = None) -> dict:
+    "Receive one message from a trusted sender; a closed channel or garbage raises `SandboxDied`."
     (n,) = struct.unpack('!I', _recv_exact(sock, 4, fds))
     if n > _MAX_MSG: raise SandboxDied(f'message of {n} bytes exceeds the limit')
-    try: return json.loads(_recv_exact(sock, n))
-    except (ValueError, RecursionError) as e: raise SandboxDied(f'malformed message: {e}') from None
+    return _decode(_recv_exact(sock, n))
+
+# %% ../nbs/03_sandbox.ipynb #b7a1c001
+class _Reader:
+    "Messages from an untrusted sender, assembled as bytes arrive: bounded in size, and never waiting past a deadline."
+    def __init__(self, sock):
+        self.sock, self.buf, self.msgs, self.pid = sock, bytearray(), [], None
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the kernel tells us who sends, not the sender
+
+    def read(self):
+        "Take what has arrived (call when the socket is readable); complete messages go to `msgs`."
+        self.sock.settimeout(0)
+        try: chunk, anc, _, _ = self.sock.recvmsg(1 << 16, socket.CMSG_SPACE(12) + socket.CMSG_SPACE(64 * 4))
+        except (BlockingIOError, InterruptedError): return
+        creds = []; _ancillary(anc, None, creds)
+        if self.pid is None and creds: self.pid = creds[0]
+        if not chunk: raise SandboxDied('channel closed')
+        self.buf += chunk
+        while len(self.buf) >= 4:
+            (n,) = struct.unpack('!I', self.buf[:4])
+            if n > _MAX_UNTRUSTED: raise SandboxDied(f'message of {n} bytes exceeds the limit of {_MAX_UNTRUSTED}')
+            if len(self.buf) < 4 + n: break
+            self.msgs.append(_decode(bytes(self.buf[4:4 + n]), _MAX_ITEMS)); del self.buf[:4 + n]
+
+    def next(self, deadline: float) -> dict:
+        "The next message; `socket.timeout` if it is not complete at `deadline`."
+        while not self.msgs:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.sock], [], [], left)[0]: raise socket.timeout('deadline passed')
+            self.read()
+        return self.msgs.pop(0)
 
 # %% ../nbs/03_sandbox.ipynb #e08a3a5b
 class _CappedOutput(io.TextIOBase):
@@ -98,18 +148,21 @@ class _CappedOutput(io.TextIOBase):
         return ''.join(self.parts) + (f'\n[... truncated {self.dropped} chars]' if self.dropped else '')
 
 # %% ../nbs/03_sandbox.ipynb #1dbd3ed2
+_MAX_INT_BITS = 10_000  # larger integers leave the sandbox as a description of their size
+
 def _plain(x, depth: int = 0):
     "`x` as JSON-able plain data: bools, ints, floats, strings, lists and dicts; anything else as its `str`."
     if x is None or isinstance(x, (bool, str)): return x
     if depth > 20: return str(x)
-    if isinstance(x, int): return int(x)
+    if isinstance(x, int):
+        return int(x) if x.bit_length() <= _MAX_INT_BITS else f'<integer of about {int(x.bit_length() * 0.30103) + 1} digits>'
     if isinstance(x, float): return float(x)
     if isinstance(x, (list, tuple)): return [_plain(v, depth + 1) for v in x]
     if isinstance(x, dict): return {str(k): _plain(v, depth + 1) for k, v in x.items()}
     mod = type(x).__module__ or ''
     if mod.startswith('numpy'):
         if hasattr(x, 'tolist'): return _plain(x.tolist(), depth + 1)
-    if mod.startswith('sympy') and getattr(x, 'is_Integer', False): return int(x)
+    if mod.startswith('sympy') and getattr(x, 'is_Integer', False): return _plain(int(x), depth + 1)
     if mod.startswith('sympy') and getattr(x, 'is_Float', False): return float(x)
     return str(x)
 
@@ -128,10 +181,44 @@ def _guarded_import(allowed: set) -> Callable:
 class _FinalAnswer(BaseException):
     "Raised by `final_answer` to end the code at once (BaseException, so `except Exception` does not catch it)."
 
-def _run_cell(code: str, ns: dict, fname: str):
+_RERAISE = '__final_answer_reraise__'
+
+def _reraise_final():
+    "Run first in every `except` block of model code: a `final_answer` passes even `except BaseException`."
+    e = sys.exc_info()[1]
+    if isinstance(e, _FinalAnswer) or (isinstance(e, BaseExceptionGroup) and e.subgroup(_FinalAnswer)): raise e
+
+class _KeepFinal(ast.NodeTransformer):
+    "Insert a `_reraise_final()` call at the top of every `except` block."
+    def visit_ExceptHandler(self, node):
+        self.generic_visit(node)
+        node.body.insert(0, ast.copy_location(ast.Expr(ast.Call(ast.Name(_RERAISE, ast.Load()), [], [])), node))
+        return node
+
+# %% ../nbs/03_sandbox.ipynb #b7a1c003
+def _bound_names(node) -> list[str]:
+    "Names that `node` binds (assignment, del, def, class, import, except ... as, match capture)."
+    if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load): return [node.id]
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.ExceptHandler, ast.MatchAs, ast.MatchStar)):
+        return [node.name] if node.name else []
+    if isinstance(node, (ast.Import, ast.ImportFrom)): return [(a.asname or a.name).partition('.')[0] for a in node.names]
+    return []
+
+def _check_names(tree, protected) -> None:
+    "Refuse code that rebinds a tool or `final_answer`: they must stay callable for the rest of the episode."
+    for node in ast.walk(tree):
+        for n in _bound_names(node):
+            if n in protected:
+                raise NameError(f"'{n}' is a sandbox tool and cannot be reassigned or deleted; "
+                                f"keep it callable and store values under another name (result = {n}(...))")
+
+def _run_cell(code: str, ns: dict, fname: str, protected=frozenset()):
     "Execute `code` in `ns` like a notebook cell: statements, then print the repr of a last bare expression."
     linecache.cache[fname] = (len(code), None, code.splitlines(True), fname)
     tree = ast.parse(code, fname, 'exec')
+    _check_names(tree, protected)
+    tree = ast.fix_missing_locations(_KeepFinal().visit(tree))
+    if isinstance(ns.get('__builtins__'), dict): ns['__builtins__'].setdefault(_RERAISE, _reraise_final)
     last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
     exec(compile(tree, fname, 'exec'), ns)
     if last is not None:
@@ -139,13 +226,17 @@ def _run_cell(code: str, ns: dict, fname: str):
         if value is not None: print(repr(value))
 
 # %% ../nbs/03_sandbox.ipynb #39336724
+def _clip(s: str | None, limit: int) -> str | None:
+    "`s` cut to `limit` characters, saying how many were dropped."
+    return s if s is None or len(s) <= limit else s[:limit] + f' [... {len(s) - limit} more chars]'
+
 def _format_error(e: BaseException, keep: int = 6) -> str:
-    "A short traceback: the sandboxed code's frames (at most `keep`, the last ones), then the exception line."
+    "A short traceback: the sandboxed code's frames (at most `keep`, the last ones), then the exception line (capped)."
     frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename.startswith('<code')]
-    lines = [f'  line {f.lineno}, in {f.name}: {f.line}' for f in frames[-keep:]]
+    lines = [_clip(f'  line {f.lineno}, in {f.name}: {f.line}', 300) for f in frames[-keep:]]
     if len(frames) > keep: lines.insert(0, f'  [... {len(frames) - keep} earlier frames ...]')
     head = ['Traceback (most recent call last):'] if frames else []
-    return '\n'.join(head + lines + [''.join(traceback.format_exception_only(type(e), e)).strip()])
+    return '\n'.join(head + lines + [_clip(''.join(traceback.format_exception_only(type(e), e)).strip(), 2000)])
 
 # %% ../nbs/03_sandbox.ipynb #a604eb69
 class Protections(dict):
@@ -345,7 +436,8 @@ def _drop_root(uid: int) -> str:
 # %% ../nbs/03_sandbox.ipynb #70dc3b4a
 _SECCOMP_DENY = (59, 322, 101, 310, 311, 165, 166, 155, 161, 272, 308, 112, 109, 321, 298, 250, 248, 249, 175, 313,
                  176, 246, 320, 169, 167, 168, 135, 323, 425, 426, 427, 163, 164, 227, 305, 159, 103, 153, 179, 303,
-                 304, 212, 172, 173, 442, 429, 428, 430, 431, 432, 433, 438, 312, 300, 134, 170, 171)
+                 304, 212, 172, 173, 442, 429, 428, 430, 431, 432, 433, 438, 312, 300, 134, 170, 171,
+                 62, 200, 234, 129, 297, 424, 434)  # signals: kill, tkill, tgkill, rt_(tg)sigqueueinfo, pidfd_send_signal/open
 _NR_CLONE, _NR_CLONE3, _NR_SOCKET, _AUDIT_ARCH_X86_64 = 56, 435, 41, 0xc000003e
 _NS_FLAGS = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
 
@@ -431,28 +523,47 @@ def __call__(self: _Guard, event: str, args: tuple):
     finally: self.busy = False
 
 # %% ../nbs/03_sandbox.ipynb #992374b7
+_MAX_ANSWER = 100_000   # characters of JSON a final answer may take; a larger one is cut to a string
+_MAX_ARGS = 1 << 20     # characters of JSON a tool call's arguments may take
+_MAX_ERROR = 5_000      # characters of an error text
+
+def _bounded(v, limit: int = _MAX_ANSWER):
+    "`v` itself if its JSON fits in `limit` characters, else its JSON text cut to `limit`."
+    s = json.dumps(v)
+    return v if len(s) <= limit else _clip(s, limit)
+
 class _Worker:
     "The sandboxed side: a namespace, a channel to the parent, and a guard."
     def __init__(self, sock, cfg: dict, guard: _Guard):
         self.sock, self.cfg, self.guard, self.n, self.final, self.pid = sock, cfg, guard, 0, None, os.getpid()
+        self.home = os.getcwd()
         bi = {k: v for k, v in vars(builtins).items()
               if k not in ('help', 'exit', 'quit', 'breakpoint', 'copyright', 'credits', 'license', 'input')}
         bi['__import__'] = _guarded_import(set(cfg['imports']))
         for name, doc in cfg['tools'].items(): bi[name] = self._tool(name, doc)
-        bi['final_answer'] = self._final_answer
+        bi['final_answer'], bi[_RERAISE] = self._final_answer, _reraise_final
+        self.bdict, self.pristine, self.protected = bi, dict(bi), frozenset([*cfg['tools'], 'final_answer', _RERAISE])
         self.ns = {'__builtins__': bi, '__name__': '__main__'}
 
     def _final_answer(self, answer):
         "Provide the final answer to the task and stop."
-        self.final = (_plain(answer),)
+        if self.final is None: self.final = (_bounded(_plain(answer)),)
         raise _FinalAnswer()
+
+    def _restore(self):
+        "Builtins as they were at the start, and no global that shadows a tool, whatever earlier steps did."
+        self.bdict.clear(); self.bdict.update(self.pristine)
+        self.ns['__builtins__'] = self.bdict
+        for n in self.protected: self.ns.pop(n, None)
 
 # %% ../nbs/03_sandbox.ipynb #877c1dfd
 @patch
 def _tool(self: _Worker, name: str, doc: str):
     "A stub that forwards a call of tool `name` to the parent and returns its plain-data result."
     def tool(*args, **kwargs):
-        _send(self.sock, {'type': 'tool', 'name': name, 'args': _plain(list(args)), 'kwargs': _plain(kwargs)})
+        msg = {'type': 'tool', 'name': name, 'args': _plain(list(args)), 'kwargs': _plain(kwargs)}
+        if len(json.dumps(msg)) > _MAX_ARGS: raise ValueError(f'the arguments of {name} are over {_MAX_ARGS:,} characters')
+        _send(self.sock, msg)
         reply = _recv(self.sock)
         if reply.get('error') is not None: raise RuntimeError(f'tool {name} failed: {reply["error"]}')
         return reply.get('value')
@@ -464,40 +575,77 @@ def _tool(self: _Worker, name: str, doc: str):
 def run(self: _Worker, code: str, cpu_s: float) -> dict:
     "Run one cell with the guard on; return the result message."
     self.n += 1; self.final = None
+    self._restore()
     out, saved = _CappedOutput(self.cfg['max_output']), (sys.stdout, sys.stderr)
     err = None
     _arm_cpu_limit(cpu_s)
     sys.stdout = sys.stderr = out
     try:
         self.guard.locked = True
-        try: _run_cell(code, self.ns, f'<code-{self.n}>')
+        try: _run_cell(code, self.ns, f'<code-{self.n}>', self.protected)
         finally: self.guard.locked = False
     except _FinalAnswer: pass
     except MemoryError: err = f"MemoryError: the sandbox's memory limit ({self.cfg['memory_mb']} MB) was reached"
     except BaseException as e: err = _format_error(e)
     finally: sys.stdout, sys.stderr = saved
     if os.getpid() != self.pid: os._exit(0)  # a process the code forked itself: it must not answer on our socket
-    return {'type': 'result', 'output': out.getvalue(), 'error': err, 'is_final': self.final is not None,
+    if self.final is not None: err = None    # final_answer ended the step, whatever was raised after it
+    return {'type': 'result', 'output': out.getvalue(), 'error': _clip(err, _MAX_ERROR), 'is_final': self.final is not None,
             'final_answer': self.final[0] if self.final else None}
 
 # %% ../nbs/03_sandbox.ipynb #0a18b2e9
 @patch
-def fork(self: _Worker, fds: list[int], codes: list[str], cpu_s: float):
-    "Fork one child per socket in `fds`; child i runs `codes[i]`, answers on its socket, then serves there."
-    pids, err = [], None
+def fork(self: _Worker, fds: list[int], codes: list[str], cpu_s: float, tag: int):
+    "Fork one child per socket in `fds`; child i runs `codes[i]` in its own scratch copy, answers, then serves there."
+    n, err = 0, None
     for i, fd in enumerate(fds[:len(codes)]):
         try: pid = os.fork()
         except OSError as e: err = f'fork failed: {e}'; break
-        if pid == 0:
-            self.sock.close(); self.pid = os.getpid()
-            for other in fds:
-                if other != fd: os.close(other)
-            self.sock = socket.socket(fileno=fd)
-            _send(self.sock, self.run(str(codes[i]), cpu_s))
-            return
-        pids.append(pid)
+        if pid == 0: return self._candidate(fd, fds, str(codes[i]), cpu_s, f'.fork-{tag}-{i}')
+        n += 1
     for fd in fds: os.close(fd)
-    _send(self.sock, {'type': 'forked', 'pids': pids, 'error': err})
+    _send(self.sock, {'type': 'forked', 'n': n, 'error': err})
+
+@patch
+def _candidate(self: _Worker, fd: int, fds: list[int], code: str, cpu_s: float, name: str):
+    "In a forked child: take socket `fd`, announce ourselves, isolate, run `code` and answer."
+    self.sock.close(); self.pid = os.getpid()
+    for other in fds:
+        if other != fd: os.close(other)
+    self.sock = socket.socket(fileno=fd)
+    _send(self.sock, {'type': 'started'})
+    err = self._isolate(name)
+    _send(self.sock, self.run(code, cpu_s) if err is None else
+          {'type': 'result', 'output': '', 'error': err, 'is_final': False, 'final_answer': None})
+
+# %% ../nbs/03_sandbox.ipynb #b7a1c004
+def _remove(path: str, keep: str | None = None, prefix: str = ''):
+    "Delete the entries of directory `path` whose names start with `prefix`, except `keep` (never following symlinks)."
+    for e in os.scandir(path):
+        if e.name == keep or not e.name.startswith(prefix): continue
+        if e.is_dir(follow_symlinks=False): shutil.rmtree(e.path, ignore_errors=True)
+        else:
+            try: os.unlink(e.path)
+            except OSError: pass
+
+@patch
+def _isolate(self: _Worker, name: str) -> str | None:
+    "Copy the scratch files into `home/name`, move there and confine this process to it; an error text if that fails."
+    d = os.path.join(self.home, name)
+    try: shutil.copytree(self.home, d, symlinks=True, ignore=shutil.ignore_patterns('.fork-*'))
+    except (OSError, shutil.Error) as e:
+        return f'SandboxError: could not copy the scratch files for this candidate ({str(e)[:200]})'
+    os.chdir(d); self.home = d
+    self.guard.read, self.guard.write = [*self.cfg['read'], d, '/dev/null'], [d, '/dev/null']
+    if self.cfg.get('landlock_on'):
+        try: _landlock(self.cfg['read'], [d, '/dev/null'])
+        except OSError: pass  # the kernel allows 16 stacked layers: past that, the worker's layer still applies
+    return None
+
+@patch
+def tidy(self: _Worker, keep: str | None = None, everything: bool = False):
+    "Delete the candidates' scratch copies except `keep` (and with `everything`, all our other files too)."
+    _remove(self.home, keep, '' if everything else '.fork-')
 
 @patch
 def serve(self: _Worker):
@@ -506,19 +654,13 @@ def serve(self: _Worker):
         try: msg = _recv(self.sock, fds := [])
         except (SandboxDied, OSError): os._exit(0)
         op = msg.get('op')
+        if op in ('run', 'fork'): self.tidy()
         if op == 'run': _send(self.sock, self.run(str(msg.get('code', '')), float(msg.get('cpu_s', 10))))
-        elif op == 'fork': self.fork(fds, list(msg.get('codes', [])), float(msg.get('cpu_s', 10)))
+        elif op == 'fork': self.fork(fds, list(msg.get('codes', [])), float(msg.get('cpu_s', 10)), int(msg.get('tag', 0)))
+        elif op == 'tidy': self.tidy(msg.get('keep'), bool(msg.get('everything'))); _send(self.sock, {'type': 'tidied'})
         elif op == 'exit': os._exit(0)
 
 # %% ../nbs/03_sandbox.ipynb #3a6eaffb
-def _wipe(path: str):
-    "Delete everything inside `path` (without following symlinks)."
-    for e in os.scandir(path):
-        if e.is_dir(follow_symlinks=False): shutil.rmtree(e.path, ignore_errors=True)
-        else:
-            try: os.unlink(e.path)
-            except OSError: pass
-
 def _lockdown(cfg: dict) -> tuple[dict, _Guard]:
     "Confine this (worker) process; returns the protections report and the installed guard."
     layers, prot, scratch = set(cfg['layers']), {}, cfg['scratch']
@@ -526,16 +668,18 @@ def _lockdown(cfg: dict) -> tuple[dict, _Guard]:
     os.chdir(scratch)
     if 'no_new_privs' in layers: _prctl(_PR_SET_NO_NEW_PRIVS, 1); prot['no_new_privs'] = 'on'
     else: prot['no_new_privs'] = 'off: disabled'
-    read = _python_paths() + _system_paths() + ['/dev/urandom', '/dev/random', '/dev/zero']
+    read = cfg['read'] = _python_paths() + _system_paths() + ['/dev/urandom', '/dev/random', '/dev/zero']
     write = [scratch, '/dev/null']
     prot['landlock'] = _try(_landlock, read, write) if 'landlock' in layers else 'off: disabled'
+    cfg['landlock_on'] = prot['landlock'].startswith('on')
     prot['drop_root'] = _try(_drop_root, cfg['uid']) if 'drop_root' in layers else 'off: disabled'
     prot['seccomp'] = _try(_seccomp) if 'seccomp' in layers else 'off: disabled'
     for s in (signal.SIGXFSZ, signal.SIGCHLD, signal.SIGPIPE): signal.signal(s, signal.SIG_IGN)
     guard = _Guard(read, write)
-    if 'audit_hook' in layers: sys.addaudithook(guard); prot['audit_hook'] = 'on: process, signal, network, ctypes, path checks'
+    if 'audit_hook' in layers:
+        sys.addaudithook(guard); prot['audit_hook'] = 'on: readable refusals of process, signal, network, ctypes, path use (a convenience, not a boundary)'
     else: prot['audit_hook'] = 'off: disabled'
-    if cfg.get('wipe'): _wipe(scratch)
+    if cfg.get('wipe'): _remove(scratch)
     return prot, guard
 
 def _try(f, *args) -> str:
@@ -622,7 +766,7 @@ def _zygote_main():
             _send(ctl, {'type': 'spawned', 'pid': pid})
         elif msg['op'] == 'status': _send(ctl, {'type': 'status', 'status': _exit_status(statuses, msg['pid'])})
         elif msg['op'] == 'exit': break
-    for g in groups:
+    for g in groups - statuses.keys():  # only groups whose leader is unreaped: their id cannot have been reused
         try: os.killpg(g, signal.SIGKILL)
         except OSError: pass
     end = time.monotonic() + 2
@@ -649,6 +793,10 @@ class _Cgroup:
     def add(self, pid: int):
         for d in self.dirs: (d/'cgroup.procs').write_text(str(pid))
 
+    def procs(self) -> set[int]:
+        "The pids in this cgroup."
+        return {int(p) for p in (self.dirs[-1]/'cgroup.procs').read_text().split()}
+
     def remove(self):
         for d in self.dirs:
             for _ in range(100):  # killed processes take a moment to leave
@@ -657,18 +805,64 @@ class _Cgroup:
                 except OSError: time.sleep(0.01)
         self.dirs = []
 
+# %% ../nbs/03_sandbox.ipynb #b7a1c005
+def _ppids() -> dict[int, int]:
+    "pid -> parent pid of every live process (zombies left out), from /proc."
+    out = {}
+    for name in os.listdir('/proc'):
+        if not name.isdigit(): continue
+        try:
+            with open(f'/proc/{name}/stat', 'rb') as f: st = f.read().rsplit(b')', 1)[1].split()
+        except (OSError, IndexError): continue
+        if st[0] not in (b'Z', b'X'): out[int(name)] = int(st[1])
+    return out
+
+def _descendants(root: int) -> set[int]:
+    "The pids of every live descendant of process `root`."
+    kids, found, todo = {}, set(), [root]
+    for pid, ppid in _ppids().items(): kids.setdefault(ppid, []).append(pid)
+    while todo:
+        for c in kids.get(todo.pop(), ()):
+            if c not in found: found.add(c); todo.append(c)
+    return found
+
+def _pidfd(pid: int) -> int | None:
+    "A pidfd pinning process `pid`, or None if it is gone."
+    try: return os.pidfd_open(pid)
+    except OSError: return None
+
 # %% ../nbs/03_sandbox.ipynb #6965d213
 class _Procs:
     "The processes and files a Sandbox must clean up (kept apart from it for the finalizer)."
-    def __init__(self, base: Path): self.base, self.zygote, self.ctl, self.pgids, self.cgroup = base, None, None, set(), None
+    def __init__(self, base: Path): self.base, self.zygote, self.ctl, self.cgroup = base, None, None, None
 
-    def kill_group(self, pgid):
-        try: os.killpg(pgid, signal.SIGKILL)
-        except OSError: pass
-        self.pgids.discard(pgid)
+    def members(self) -> set[int]:
+        "Pids of this sandbox's live processes except the zygote: the cgroup's list, else the zygote's descendants."
+        if self.cgroup is not None and self.cgroup.dirs: return self.cgroup.procs()
+        return _descendants(self.zygote.pid) if self.zygote is not None else set()
+
+    def kill(self, pids) -> int:
+        "SIGKILL those of `pids` that belong to this sandbox (pinned first, then checked); how many were signalled."
+        fds = {p: fd for p in set(pids) if isinstance(p, int) and p > 0 and (fd := _pidfd(p)) is not None}
+        try:
+            ours = self.members() & fds.keys() if fds else set()
+            for p in ours:
+                try: signal.pidfd_send_signal(fds[p], signal.SIGKILL)
+                except OSError: pass
+            return len(ours)
+        finally:
+            for fd in fds.values(): os.close(fd)
+
+    def sweep(self, keep=()):
+        "Kill every process of this sandbox except `keep`, looking again until no new one shows up (forks made meanwhile)."
+        done = set(keep)
+        for _ in range(100):
+            victims = self.members() - done
+            if not victims: return
+            self.kill(victims); done |= victims
 
     def close(self):
-        for g in list(self.pgids): self.kill_group(g)
+        self.sweep()
         if self.ctl is not None:
             try: _send(self.ctl, {'op': 'exit'})
             except OSError: pass
@@ -696,7 +890,7 @@ def _remove_stale_dirs():
 class Sandbox:
     "Run model-written Python in an isolated, resource-limited worker process whose state persists between runs."
     def __init__(self, tools: dict | list | None = None,    # name -> callable run in the parent (a list uses __name__)
-                 timeout: float = 10.0,                      # wall-clock seconds per run (tool time excluded)
+                 timeout: float = 10.0,                      # wall-clock seconds per run (tool time excluded, see max_tool_time)
                  memory_mb: int = 1024,                      # address space the code may add to the interpreter
                  max_output: int = 10_000,                   # printed characters kept per run
                  imports=ALLOWED_IMPORTS,                    # top-level modules the code may import
@@ -705,13 +899,14 @@ class Sandbox:
                  max_procs: int = 256,                       # processes of the sandbox (cgroup; else RLIMIT_NPROC per uid)
                  tree_memory_mb: int | None = None,          # memory of the whole process tree (default 4 x memory_mb, >= 2 GB)
                  uid: int = 65534,                           # user the worker becomes when started as root
-                 layers=LAYERS):                             # protection layers to enable (all by default)
+                 layers=LAYERS,                              # protection layers to enable (all by default)
+                 max_tool_time: float | None = None):        # tool seconds one run may add to its timeout (default 3 x timeout)
         tools = {f.__name__: f for f in tools} if isinstance(tools, (list, tuple)) else dict(tools or {})
-        bad = [n for n in tools if not n.isidentifier() or n == 'final_answer']
+        bad = [n for n in tools if not isinstance(n, str) or not n.isidentifier() or n in ('final_answer', _RERAISE)]
         if bad: raise ValueError(f'invalid tool names: {bad}')
         self.tools, self.timeout, self.memory_mb, self.max_output = tools, timeout, memory_mb, max_output
         self.imports, self.disk_mb, self.max_files, self.max_procs, self.uid = tuple(imports), disk_mb, max_files, max_procs, uid
-        self.layers = tuple(l for l in layers if l in LAYERS)
+        self.layers, self.max_tool_time = tuple(l for l in layers if l in LAYERS), max_tool_time
         _remove_stale_dirs()
         base = Path(tempfile.mkdtemp(prefix=f'agent-sandbox-{os.getpid()}-'))
         self.scratch, self._root = base/'scratch', base/'root'
@@ -721,7 +916,7 @@ class Sandbox:
         if 'cgroup' in self.layers:
             self._procs.cgroup = _Cgroup(base.name, tree_memory_mb or max(4 * memory_mb, 2048), max_procs)
         self._finalizer = weakref.finalize(self, self._procs.close)
-        self._lock, self._sock, self._pid, self._pgid, self._kept, self._nspawn = threading.RLock(), None, None, None, {}, 0
+        self._lock, self._sock, self._reader, self._pid, self._kept, self._nspawn, self._nfork = threading.RLock(), None, None, None, {}, 0, 0
         self._zprot, self._wprot = None, {}
         self._start_zygote()
 
@@ -777,26 +972,30 @@ def _spawn(self: Sandbox, wipe: bool = False):
     ours, theirs = socket.socketpair()
     try: pid = self._zygote_call({'op': 'spawn', 'wipe': wipe}, [theirs.fileno()])['pid']
     finally: theirs.close()
-    ours.settimeout(30)
-    hello = _recv(ours)
-    if hello.get('type') != 'hello': raise RuntimeError(f"sandbox worker failed to start:\n{hello.get('error')}")
-    self._sock, self._pid, self._pgid = ours, pid, pid
-    self._procs.pgids.add(pid); self._nspawn += 1
+    reader = _Reader(ours)
+    try: hello = reader.next(time.monotonic() + 30)
+    except (SandboxDied, OSError) as e: hello = {'error': str(e)}
+    if hello.get('type') != 'hello':
+        ours.close(); raise RuntimeError(f"sandbox worker failed to start:\n{_clip(str(hello.get('error')), 3000)}")
+    self._sock, self._reader, self._pid = ours, reader, pid
+    self._nspawn += 1
     if self._procs.cgroup is not None and self._procs.cgroup.dirs: self._procs.cgroup.add(pid)  # before it runs any code
-    self._wprot = hello['protections']
+    prot = hello.get('protections')
+    self._wprot = {str(k): _clip(str(v), 300) for k, v in prot.items()} if isinstance(prot, dict) else {}
 
 # %% ../nbs/03_sandbox.ipynb #d41c5013
 @patch
 def _kill_worker(self: Sandbox) -> str | None:
-    "Kill the current worker's whole process group; return how the worker ended, if known."
-    self._discard_kept()
+    "Kill the current worker and every other process of the sandbox; return how the worker ended, if known."
+    for c in self._kept.values(): c.sock.close()
+    self._kept = {}
     if self._sock is not None: self._sock.close()
-    if self._pgid is not None: self._procs.kill_group(self._pgid)
+    self._procs.sweep()
     status = None
     if self._pid is not None:
         try: status = self._zygote_call({'op': 'status', 'pid': self._pid}, timeout=5).get('status')
         except (SandboxDied, OSError): pass
-    self._sock = self._pid = self._pgid = None
+    self._sock = self._reader = self._pid = None
     return status
 
 @patch
@@ -820,43 +1019,69 @@ def protections(self: Sandbox) -> Protections:
 # %% ../nbs/03_sandbox.ipynb #c985fc67
 class _Timeout(Exception): pass
 
+def _describe(e: BaseException) -> str:
+    "`Type: message` of an exception, even when its `str` fails."
+    try: return _clip(f'{type(e).__name__}: {e}', 2000)
+    except Exception: return type(e).__name__
+
 @patch
 def _call_tool(self: Sandbox, msg: dict) -> dict:
-    "Run a tool requested by the sandbox; only plain data goes back."
-    fn = self.tools.get(msg.get('name'))
-    if fn is None: return {'op': 'tool_result', 'error': f"unknown tool {msg.get('name')!r}"}
-    try: return {'op': 'tool_result', 'value': _plain(fn(*msg.get('args', []), **msg.get('kwargs', {})))}
-    except Exception as e: return {'op': 'tool_result', 'error': f'{type(e).__name__}: {e}'}
+    "Run a tool the sandbox asked for (the request is checked first: it is untrusted); only plain data goes back."
+    name, args, kwargs = msg.get('name'), msg.get('args', []), msg.get('kwargs', {})
+    if not isinstance(name, str) or name not in self.tools:
+        return {'op': 'tool_result', 'error': f'unknown tool {_clip(repr(name), 100)}'}
+    if not isinstance(args, list) or not isinstance(kwargs, dict): return {'op': 'tool_result', 'error': 'malformed tool call'}
+    try: return {'op': 'tool_result', 'value': _plain(self.tools[name](*_clean(args), **_clean(kwargs)))}
+    except Exception as e: return {'op': 'tool_result', 'error': _describe(e)}
 
 @patch
-def _serve(self: Sandbox, sock, deadline: float) -> dict:
-    "Wait for `sock`'s result, answering tool calls; raises `_Timeout` or `SandboxDied`."
+def _serve(self: Sandbox, deadline: float, hard: float) -> dict:
+    "Wait for the worker's result, answering tool calls (which move `deadline`, never past `hard`)."
     while True:
-        left = deadline - time.monotonic()
-        if left <= 0: raise _Timeout()
-        sock.settimeout(left)
-        try: msg = _recv(sock)
+        try: msg = self._reader.next(deadline)
         except socket.timeout: raise _Timeout() from None
-        except OSError as e: raise SandboxDied(str(e)) from None
         if msg.get('type') == 'result': return msg
-        if msg.get('type') != 'tool': raise SandboxDied(f'unexpected message {str(msg)[:100]}')
+        if msg.get('type') != 'tool': raise SandboxDied(f"unexpected message {_clip(repr(msg.get('type')), 50)}")
         t0 = time.monotonic(); reply = self._call_tool(msg)
-        deadline += time.monotonic() - t0
-        _send(sock, reply)
+        deadline = min(deadline + time.monotonic() - t0, hard)
+        self._sock.settimeout(max(0.1, deadline - time.monotonic())); _send(self._sock, reply)
 
 # %% ../nbs/03_sandbox.ipynb #4d1e6c7f
-def _result(msg: dict, **kw) -> ExecResult:
-    "An ExecResult from a worker's result message (fields type-checked: the worker is untrusted)."
-    s = lambda v: v if v is None or isinstance(v, str) else str(v)
-    return ExecResult(output=s(msg.get('output')) or '', error=s(msg.get('error')), final_answer=msg.get('final_answer'),
-                      is_final=bool(msg.get('is_final')), **kw)
+_SURROGATES = re.compile('[\ud800-\udfff]')
+
+def _clean(x, depth: int = 0):
+    "JSON data from the worker made safe to pass on: lone surrogates replaced (valid UTF-8), nesting cut at 20 levels."
+    if isinstance(x, str): return _SURROGATES.sub('\ufffd', x)
+    if isinstance(x, list): return [_clean(v, depth + 1) for v in x] if depth < 20 else '[...]'
+    if isinstance(x, dict): return {_clean(k): _clean(v, depth + 1) for k, v in x.items()} if depth < 20 else '{...}'
+    return x
+
+def _result(msg: dict, max_output: int, **kw) -> ExecResult:
+    "An ExecResult from a worker's result message: checked, cleaned and bounded, as the worker is untrusted."
+    output, error = msg.get('output', ''), msg.get('error')
+    if not isinstance(output, str) or not (error is None or isinstance(error, str)): raise SandboxDied('malformed result')
+    return ExecResult(output=_clip(_clean(output), max_output + 100), error=_clip(_clean(error), _MAX_ERROR),
+                      final_answer=_bounded(_clean(msg.get('final_answer'))), is_final=msg.get('is_final') is True, **kw)
 
 _RESTARTED = ' The sandbox was restarted: variables from earlier steps are gone.'
 
 def _timeout_error(timeout: float) -> str: return f'TimeoutError: the code ran longer than {timeout:g} s and was stopped.'
-def _died_error(why: str) -> str: return f'SandboxError: the sandbox process died ({why}).'
+def _died_error(why: str) -> str: return f'SandboxError: the sandbox process died ({_clip(why, 300)}).'
 
 # %% ../nbs/03_sandbox.ipynb #7177b49b
+@patch
+def _hard_limit(self: Sandbox, t0: float, timeout: float) -> float:
+    "The instant after which a run stops whatever its tools took."
+    return t0 + timeout + (3 * timeout if self.max_tool_time is None else self.max_tool_time)
+
+@patch
+def _restart(self: Sandbox, r: ExecResult, t0: float) -> ExecResult:
+    "Replace the worker after a failed run; `r` is the error result to return."
+    status = self._kill_worker(); self._spawn()
+    if not r.timed_out: r.error = _died_error(r.error + (f'; worker {status}' if status and status != 'unknown' else ''))
+    r.error += _RESTARTED; r.restarted, r.duration = True, time.monotonic() - t0
+    return r
+
 @patch
 def run(self: Sandbox, code: str,       # Python source written by the model
         timeout: float | None = None    # wall-clock limit for this run (default: the sandbox's)
@@ -865,78 +1090,110 @@ def run(self: Sandbox, code: str,       # Python source written by the model
     with self._lock:
         t0, timeout = time.monotonic(), timeout or self.timeout
         restarted = self._ensure_worker(); self._discard_kept()
+        t1 = time.monotonic()  # the deadline starts when the code is sent: starting a worker is not the code's time
         try:
             try: _send(self._sock, {'op': 'run', 'code': code, 'cpu_s': timeout + 1})
             except OSError:  # the worker died between runs: start over and say so
                 self._kill_worker(); self._spawn(); restarted = True
                 _send(self._sock, {'op': 'run', 'code': code, 'cpu_s': timeout + 1})
-            msg = self._serve(self._sock, t0 + timeout)
-            return _result(msg, restarted=restarted, duration=time.monotonic() - t0)
-        except _Timeout:
-            self._kill_worker(); self._spawn()
-            return ExecResult(error=_timeout_error(timeout) + _RESTARTED, timed_out=True, restarted=True, duration=time.monotonic() - t0)
-        except SandboxDied as e:
-            status = self._kill_worker(); self._spawn()
-            return ExecResult(error=_died_error(status or str(e)) + _RESTARTED, restarted=True, duration=time.monotonic() - t0)
-        except BaseException:
-            self._kill_worker(); raise
+            r = _result(self._serve(t1 + timeout, self._hard_limit(t1, timeout)), self.max_output, restarted=restarted)
+        except _Timeout: return self._restart(ExecResult(error=_timeout_error(timeout), timed_out=True), t0)
+        except Exception as e: return self._restart(ExecResult(error=_describe(e)), t0)
+        except BaseException: self._kill_worker(); raise
+        self._procs.sweep(keep={self._pid})  # nothing the code started runs on after it
+        r.duration = time.monotonic() - t0
+        return r
 
 # %% ../nbs/03_sandbox.ipynb #d5ca64c6
-@patch
-def _discard_kept(self: Sandbox):
-    "Kill candidates kept by `fork_run(keep=True)` that were not adopted."
-    for sock, pid in self._kept.values():
-        sock.close()
-        try: os.kill(pid, signal.SIGKILL)
-        except OSError: pass
-    self._kept = {}
+@dataclass
+class _Candidate:
+    "One `fork_run` child as the parent knows it: our socket end, its reader (whose `pid` the kernel supplied), its scratch dir."
+    sock: Any
+    reader: Any
+    dir: str
+
+    @property
+    def pid(self): return self.reader.pid
 
 @patch
-def _fork(self: Sandbox, codes: list[str], cpu_s: float) -> tuple[list, list, str | None]:
-    "Ask the worker for one child per code, each starting on its code at once; returns (sockets, pids, error)."
-    n, pairs = len(codes), [socket.socketpair() for _ in codes]
+def _discard_kept(self: Sandbox):
+    "Kill candidates kept by `fork_run(keep=True)` that were not adopted (and anything they started)."
+    if not self._kept: return
+    for c in self._kept.values(): c.sock.close()
+    self._kept = {}
+    self._procs.sweep(keep={self._pid})
+
+@patch
+def _fork(self: Sandbox, codes: list[str], cpu_s: float, deadline: float) -> tuple[list, str | None]:
+    "Ask the worker for one child per code, each starting on its code at once; returns (candidates, error)."
+    pairs, self._nfork = [socket.socketpair() for _ in codes], self._nfork + 1
     try:
-        _send(self._sock, {'op': 'fork', 'codes': list(codes), 'cpu_s': cpu_s}, [b.fileno() for _, b in pairs])
-        self._sock.settimeout(30)
-        reply = _recv(self._sock)
+        cands = [_Candidate(a, _Reader(a), f'.fork-{self._nfork}-{i}') for i, (a, _) in enumerate(pairs)]
+        _send(self._sock, {'op': 'fork', 'codes': list(codes), 'cpu_s': cpu_s, 'tag': self._nfork}, [b.fileno() for _, b in pairs])
+        reply = self._reader.next(deadline)
     finally:
         for _, b in pairs: b.close()
-    pids = [int(p) for p in reply.get('pids', [])][:n]
-    for a, _ in pairs[len(pids):]: a.close()
-    return [a for a, _ in pairs[:len(pids)]], pids, reply.get('error')
+    n, err = reply.get('n'), reply.get('error')
+    if reply.get('type') != 'forked' or type(n) is not int or not 0 <= n <= len(codes): raise SandboxDied('malformed fork reply')
+    for c in cands[n:]: c.sock.close()
+    return cands[:n], (_clip(_clean(err), 300) if isinstance(err, str) else None)
 
 # %% ../nbs/03_sandbox.ipynb #49aa30b9
 @patch
-def _collect(self: Sandbox, socks: list, pids: list, timeout: float, t0: float, share_tools: bool = True) -> list:
-    "Wait for every child's result, answering tool calls (identical calls once if `share_tools`); one result per child."
-    results, sel, memo = [None] * len(socks), selectors.DefaultSelector(), {}
-    deadline = [t0 + timeout] * len(socks)
-    for i, s in enumerate(socks): sel.register(s, selectors.EVENT_READ, i)
+def _candidate_message(self: Sandbox, c: _Candidate, msg: dict, deadline: float, memo: dict | None) -> ExecResult | float:
+    "Handle one message of candidate `c`: its result, or a tool call (answered; returns the time it took)."
+    kind = msg.get('type')
+    if kind == 'result': return _result(msg, self.max_output)
+    if kind == 'started': return 0.0
+    if kind != 'tool': raise SandboxDied(f'unexpected message {_clip(repr(kind), 50)}')
+    t, key = time.monotonic(), json.dumps([msg.get('name'), msg.get('args'), msg.get('kwargs')], sort_keys=True)
+    reply = memo[key] if memo is not None and key in memo else self._call_tool(msg)
+    if memo is not None: memo[key] = reply
+    c.sock.settimeout(max(0.1, deadline - time.monotonic())); _send(c.sock, reply)
+    return time.monotonic() - t
+
+@patch
+def _collect(self: Sandbox, cands: list, timeout: float, deadline: float, hard: float, share_tools: bool = True) -> list:
+    "Wait for every candidate's result, answering tool calls (identical calls once if `share_tools`); one result each."
+    results, deadlines, memo = [None] * len(cands), [deadline] * len(cands), {} if share_tools else None
+    sel = selectors.DefaultSelector()
+    for i, c in enumerate(cands): sel.register(c.sock, selectors.EVENT_READ, i)
+    def finish(i, r): results[i] = r; sel.unregister(cands[i].sock)
     while sel.get_map():
         now = time.monotonic()
-        for key in list(sel.get_map().values()):
-            i = key.data
-            if now >= deadline[i]:
-                sel.unregister(key.fileobj); os.kill(pids[i], signal.SIGKILL)
-                results[i] = ExecResult(error=_timeout_error(timeout), timed_out=True)
+        for i in [k.data for k in sel.get_map().values() if now >= deadlines[k.data]]:
+            self._procs.kill([cands[i].pid]); finish(i, ExecResult(error=_timeout_error(timeout), timed_out=True))
         if not sel.get_map(): break
-        for key, _ in sel.select(max(0.0, min(deadline[k.data] for k in sel.get_map().values()) - now)):
-            i, s = key.data, key.fileobj
+        for key, _ in sel.select(max(0.0, min(deadlines[k.data] for k in sel.get_map().values()) - now)):
+            i, c = key.data, cands[key.data]
             try:
-                s.settimeout(max(0.05, deadline[i] - time.monotonic())); msg = _recv(s)
-                if msg.get('type') == 'tool':
-                    t, key = time.monotonic(), json.dumps([msg.get('name'), msg.get('args'), msg.get('kwargs')], sort_keys=True)
-                    reply = memo[key] if share_tools and key in memo else self._call_tool(msg)
-                    if share_tools: memo[key] = reply
-                    _send(s, reply); deadline[i] += time.monotonic() - t; continue
-                if msg.get('type') != 'result': raise SandboxDied('unexpected message')
-                results[i] = _result(msg)
-            except (SandboxDied, OSError) as e:
-                results[i] = ExecResult(error=_died_error(str(e)))
-            sel.unregister(s)
+                c.reader.read()
+                while c.reader.msgs and results[i] is None:
+                    out = self._candidate_message(c, c.reader.msgs.pop(0), deadlines[i], memo)
+                    if isinstance(out, ExecResult): finish(i, out)
+                    else: deadlines[i] = min(deadlines[i] + out, hard)
+            except Exception as e:
+                self._procs.kill([c.pid]); finish(i, ExecResult(error=_died_error(_describe(e))))
     return results
 
 # %% ../nbs/03_sandbox.ipynb #e7173ab1
+@patch
+def _settle(self: Sandbox, cands: list, results: list, keep: bool):
+    "Keep the candidates that can be adopted (if `keep`), close the rest, kill every process not kept, tidy scratch."
+    for i, (c, r) in enumerate(zip(cands, results)):
+        if keep and c.pid is not None and not r.timed_out and not (r.error or '').startswith('SandboxError'): self._kept[i] = c
+        else: c.sock.close()
+    self._procs.sweep(keep={self._pid, *(c.pid for c in self._kept.values())})
+    if not keep and not self._tidy(): self._kill_worker()  # replaced at the next run, which says so
+
+@patch
+def _tidy(self: Sandbox, keep: str | None = None, everything: bool = False) -> bool:
+    "Ask the worker to delete the candidates' scratch copies except `keep`; False if it does not answer as it should."
+    try:
+        self._sock.settimeout(5); _send(self._sock, {'op': 'tidy', 'keep': keep, 'everything': everything})
+        return self._reader.next(time.monotonic() + 5).get('type') == 'tidied'
+    except Exception: return False
+
 @patch
 def fork_run(self: Sandbox, codes: list[str],   # candidate actions, each run from the current state
              keep: bool = False,                # keep the candidates' processes so one can be `adopt`ed
@@ -948,20 +1205,16 @@ def fork_run(self: Sandbox, codes: list[str],   # candidate actions, each run fr
         t0, timeout = time.monotonic(), timeout or self.timeout
         restarted = self._ensure_worker(); self._discard_kept()
         if not codes: return []
-        try: socks, pids, err = self._fork(codes, timeout + 1)
-        except (SandboxDied, OSError) as e:
+        t1 = time.monotonic()
+        try: cands, err = self._fork(codes, timeout + 1, t1 + timeout)
+        except Exception as e:
             status = self._kill_worker(); self._spawn()
-            return [ExecResult(error=_died_error(status or str(e)) + _RESTARTED, restarted=True) for _ in codes]
-        results = self._collect(socks, pids, timeout, t0, share_tools)
-        results += [ExecResult(error=f'SandboxError: could not start this candidate ({err})') for _ in codes[len(pids):]]
-        for i, r in enumerate(results):
-            r.duration, r.restarted = time.monotonic() - t0, restarted
-            if i < len(socks):
-                if keep and not r.timed_out and not (r.error or '').startswith('SandboxError'): self._kept[i] = (socks[i], pids[i])
-                else:
-                    socks[i].close()
-                    try: os.kill(pids[i], signal.SIGKILL)
-                    except OSError: pass
+            why = 'it did not answer in time' if isinstance(e, socket.timeout) else status or _describe(e)
+            return [ExecResult(error=_died_error(why) + _RESTARTED, restarted=True, duration=time.monotonic() - t0) for _ in codes]
+        results = self._collect(cands, timeout, t1 + timeout, self._hard_limit(t1, timeout), share_tools)
+        results += [ExecResult(error=f'SandboxError: could not start this candidate ({err})') for _ in codes[len(cands):]]
+        self._settle(cands, results, keep)
+        for r in results: r.duration, r.restarted = time.monotonic() - t0, restarted
         return results
 
 # %% ../nbs/03_sandbox.ipynb #a78bff94
@@ -971,13 +1224,13 @@ def adopt(self: Sandbox, i: int):
     with self._lock:
         if i not in self._kept: raise ValueError(f'candidate {i} is not available: use fork_run(..., keep=True) and adopt '
                                                  'before the next run (timed-out or crashed candidates cannot be adopted)')
-        sock, pid = self._kept.pop(i)
-        self._discard_kept()
-        old_sock, old_pid = self._sock, self._pid
-        self._sock, self._pid = sock, pid
-        old_sock.close()
-        try: os.kill(old_pid, signal.SIGKILL)
-        except OSError: pass
+        c = self._kept.pop(i)
+        for other in self._kept.values(): other.sock.close()
+        self._kept = {}
+        self._tidy(keep=c.dir, everything=True)  # the old worker deletes all files but the winner's copy
+        self._sock.close()
+        self._sock, self._reader, self._pid = c.sock, c.reader, c.pid
+        self._procs.sweep(keep={self._pid})  # the old worker, the losers, and anything they started
 
 @patch
 def reset(self: Sandbox):
@@ -989,7 +1242,8 @@ def reset(self: Sandbox):
 def close(self: Sandbox):
     "Kill the worker and the zygote and delete the scratch directory."
     with self._lock:
-        self._discard_kept()
+        for c in self._kept.values(): c.sock.close()
+        self._kept = {}
         if self._sock is not None: self._sock.close(); self._sock = None
         self._finalizer()
 

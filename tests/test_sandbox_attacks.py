@@ -5,7 +5,7 @@ environment, this process, a loopback listener) and leave the sandbox usable. A 
 with the Python audit hook switched off, to show that the operating-system layers hold on their own. Benign tests at
 the end pin what honest code gets: state, numpy, sympy, tools, final_answer, fork_run and adopt.
 """
-import os, signal, socket, secrets, time
+import json, os, signal, socket, secrets, subprocess, time
 from types import SimpleNamespace
 import pytest
 from agent_distillation.sandbox import Sandbox, ExecResult, LAYERS
@@ -255,11 +255,12 @@ def test_scratch_files_and_reset(sb):
     assert 'NameError' in sb.run('x').error
 
 
-def test_fork_run_shares_files(sb):
-    "Documented limit: candidates fork the interpreter, not the file system, so their scratch writes are shared."
-    sb.reset(); sb.run("open('log.txt', 'w').close()")
-    sb.fork_run(["open('log.txt', 'a').write('x')"] * 3)
-    assert sb.run("open('log.txt').read()").output == "'xxx'\n"
+def test_fork_run_candidates_write_private_copies(sb):
+    "Each candidate appends to its own copy of the scratch files; the worker's file is unchanged."
+    sb.reset(); sb.run("open('log.txt', 'w').write('s')")
+    rs = sb.fork_run(["open('log.txt', 'a').write('x')\nprint(open('log.txt').read())"] * 3)
+    assert [r.output for r in rs] == ['sx\n'] * 3
+    assert sb.run("open('log.txt').read()").output == "'s'\n"
 
 
 def test_restart_after_timeout_is_reported(sb):
@@ -299,12 +300,12 @@ def test_adopt_commits_the_winner_exactly_once(sb):
 def gone(pid) -> bool:
     "The process no longer runs (it does not exist, or is a zombie waiting to be reaped)."
     try: return open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[0] in ('Z', 'X')
-    except FileNotFoundError: return True
+    except (FileNotFoundError, ProcessLookupError): return True
 
 
 def test_unadopted_candidates_are_killed(sb):
     rs = sb.fork_run(['1', '2', '3'], keep=True)
-    pids = [pid for _, pid in sb._kept.values()]
+    pids = [c.pid for c in sb._kept.values()]
     sb.adopt(0)
     time.sleep(0.2)
     assert all(gone(pid) for pid in pids[1:]) and not gone(pids[0])
@@ -318,8 +319,397 @@ def test_clean_environment(sb):
 def test_close_kills_everything():
     s = Sandbox(timeout=TIMEOUT)
     s.run('x = 1'); s.fork_run(['x'], keep=True)
-    pids = [s._pid, s._procs.zygote.pid] + [pid for _, pid in s._kept.values()]
+    pids = [s._pid, s._procs.zygote.pid] + [c.pid for c in s._kept.values()]
     base = s._procs.base
     s.close()
     time.sleep(0.2)
     assert all(gone(pid) for pid in pids) and not base.exists()
+
+
+# ---- second round: the host side ------------------------------------------------------------------------------------
+# The parent must treat everything from the worker as untrusted input. These attacks take the worker over (the audit
+# hook is no obstacle, see test_audit_hook_is_a_convenience) and speak to the parent directly on the worker's socket.
+
+# Sandboxed code that finds its socket to the parent and can send it raw framed bytes.
+SEND = ESC + ("import json; st = imp('stat'); struct = imp('struct'); time = imp('time')\n"
+              "def is_sock(f):\n    try: return st.S_ISSOCK(os.fstat(f).st_mode)\n    except OSError: return False\n"
+              "fd = [f for f in range(3, 256) if is_sock(f)][0]\n"
+              "def send(b): os.write(fd, struct.pack('!I', len(b)) + b)\n"
+              "def sendj(o): send(json.dumps(o).encode())\n")
+# Sandboxed code that replaces the worker's `fork` so that the parent gets `reply` (a Python literal) instead.
+FORGE_FORK = ESC + ("import json\nw = sys._getframe().f_back.f_back.f_locals['self']\n"
+                    "def fake(fds, codes, cpu_s, tag=0):\n    for f in fds: os.close(f)\n"
+                    "    m = json.dumps({reply}).encode(); w.sock.sendall(len(m).to_bytes(4, 'big') + m)\n"
+                    "w.fork = fake\n")
+
+
+@pytest.fixture
+def victim():
+    "A host process that sandboxed code would like the parent to kill."
+    p = subprocess.Popen(['sleep', '60'])
+    yield p
+    p.kill(); p.wait()
+
+
+@pytest.fixture
+def fresh():
+    "A sandbox for attacks that damage the worker on purpose (all layers but the audit hook)."
+    with Sandbox(timeout=TIMEOUT, memory_mb=MEMORY_MB, layers=[l for l in LAYERS if l != 'audit_hook']) as s: yield s
+
+
+def usable(s):
+    r = s.run('print(6 * 7)')
+    return r.output == '42\n' and r.error is None
+
+
+def sandbox_procs(s, expected: set, wait: float = 2.0) -> set:
+    "The live processes of sandbox `s` (zygote aside) once they equal `expected` (killed ones take a moment to exit)."
+    end = time.monotonic() + wait
+    while (procs := s._procs.members()) != expected and time.monotonic() < end: time.sleep(0.02)
+    return procs
+
+
+# kind 1: the parent acts on data the worker controls
+
+@pytest.mark.parametrize('reply', ["{{'type': 'forked', 'pids': [{v}], 'n': 1, 'error': None}}",
+                                   "{{'type': 'forked', 'pids': [{v}, {v}], 'n': 0, 'error': 'x'}}",
+                                   "{{'type': 'forked', 'pids': ['{v}'], 'error': None}}"])
+def test_forged_fork_pids_are_never_signalled(fresh, victim, reply):
+    "The worker reports a host process as its candidate: the parent never takes a pid from the worker."
+    assert fresh.run(FORGE_FORK.format(reply=reply.format(v=victim.pid))).error is None
+    rs = fresh.fork_run(['1'], keep=True)
+    assert rs[0].error and not rs[0].ok
+    time.sleep(0.1)
+    assert victim.poll() is None, 'the parent killed a host process named by the worker'
+    fresh.reset(); assert usable(fresh)
+
+
+def test_forged_started_pid_is_ignored(sb, victim):
+    "A candidate claims a host pid in its messages, then hangs: the timeout kill hits the candidate, not the claim."
+    code = SEND + f"sendj({{'type': 'started', 'pid': {victim.pid}, 'pids': [{victim.pid}]}})\nwhile True: pass"
+    rs = sb.fork_run([code, '7'], timeout=1)
+    assert rs[0].timed_out and rs[1].output == '7\n'
+    time.sleep(0.1)
+    assert victim.poll() is None and usable(sb)
+
+
+def test_candidate_pid_comes_from_the_kernel(sb):
+    rs = sb.fork_run([ESC + 'print(os.getpid())'], keep=True)
+    assert rs[0].error is None and [c.pid for c in sb._kept.values()] == [int(rs[0].output)]
+
+
+@pytest.mark.parametrize('msg', ['[1, 2, 3]', '"result"', '42', 'null', '{"type": ["result"]}', '{"type": "nonsense"}',
+                                 '{"type": "result", "output": 5}', '{"type": "result", "output": "x", "error": [1]}',
+                                 '{"type": "forked", "pids": [1]}', '{not json'])
+def test_malformed_worker_message_is_an_error_result(sb, msg):
+    "Any message that is not a well-formed result ends the run as an error; the sandbox restarts and stays usable."
+    r = sb.run(SEND + f"send({msg!r}.encode())\ntime.sleep(30)")
+    assert r.error and 'SandboxError' in r.error and r.restarted and not r.timed_out, r
+    assert usable(sb)
+
+
+@pytest.mark.parametrize('call', [{'type': 'tool', 'name': ['retrieve'], 'args': [], 'kwargs': {}},
+                                  {'type': 'tool', 'name': {'a': 1}, 'args': [], 'kwargs': {}},
+                                  {'type': 'tool', 'name': None},
+                                  {'type': 'tool', 'name': 'retrieve', 'args': 'abc', 'kwargs': {}},
+                                  {'type': 'tool', 'name': 'retrieve', 'args': [], 'kwargs': ['q']},
+                                  {'type': 'tool', 'name': 'retrieve', 'args': [], 'kwargs': {'no such': 1}},
+                                  {'type': 'tool', 'name': '__class__', 'args': [], 'kwargs': {}}])
+def test_forged_tool_calls_get_an_error_reply(tooled, call):
+    "A tool call with a name that is not a known tool's, or arguments of the wrong shape, is answered with an error."
+    r = tooled.run(SEND + f"sendj({call!r})\nn = struct.unpack('!I', os.read(fd, 4))[0]\nprint(json.loads(os.read(fd, n))['error'])")
+    assert r.error is None and r.output.strip(), r
+    assert usable(tooled)
+
+
+@pytest.mark.parametrize('payload', ["b'[' + b'[],' * 1_000_000 + b'[]]'", "b'{\"type\": \"result\", \"output\": \"' + b'a' * (5 << 20) + b'\"}'"])
+def test_amplifying_or_huge_message_is_refused(sb, payload):
+    "3 MB of `[],` would decode into about 60 MB of lists; a 5 MB message exceeds the limit: both end as errors."
+    import resource
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    r = sb.run(SEND + f"send({payload})\ntime.sleep(30)")
+    assert r.error and 'SandboxError' in r.error and r.restarted, r
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KB: nothing huge was decoded
+    assert usable(sb)
+
+
+def test_length_header_of_4_gb(sb):
+    r = sb.run(SEND + "os.write(fd, b'\\xff\\xff\\xff\\xff' + b'x' * 100)\ntime.sleep(30)")
+    assert 'exceeds the limit' in r.error and usable(sb)
+
+
+# kind 2: deadlines that data could stretch
+
+def test_trickled_message_times_out(sb):
+    "A result trickled one byte every 50 ms never completes: the run still ends at its one deadline."
+    code = SEND + "os.write(fd, struct.pack('!I', 10_000))\nwhile True: os.write(fd, b' '); time.sleep(0.05)"
+    t0 = time.monotonic(); r = sb.run(code, timeout=1)
+    assert r.timed_out and time.monotonic() - t0 < 2.5, r
+    assert usable(sb)
+
+
+def test_trickling_candidate_delays_nobody(sb):
+    code = SEND + "os.write(fd, struct.pack('!I', 10_000))\nwhile True: os.write(fd, b' '); time.sleep(0.05)"
+    t0 = time.monotonic(); rs = sb.fork_run([code, 'final_answer(5)'], timeout=1)
+    assert rs[0].timed_out and rs[1].final_answer == 5 and time.monotonic() - t0 < 2.5, rs
+
+
+def slow_tool(x=0):
+    "A tool that takes 50 ms."
+    time.sleep(0.05); return x
+
+
+@pytest.mark.parametrize('max_tool_time,bound', [(None, 2), (0.25, 0.75)])
+def test_tool_call_loop_is_bounded(max_tool_time, bound):
+    "Tool time extends a run's deadline only up to `max_tool_time` (default 3 x timeout), not once per call."
+    with Sandbox(tools=[slow_tool], timeout=0.5, max_tool_time=max_tool_time) as s:
+        s.run('1')
+        t0 = time.monotonic(); r = s.run('while True: slow_tool()')
+        took = time.monotonic() - t0
+        assert r.timed_out and took < bound + 1, took
+        t0 = time.monotonic(); rs = s.fork_run(['while True: slow_tool(1)', 'while True: slow_tool(2)'], share_tools=False)
+        assert all(x.timed_out for x in rs) and time.monotonic() - t0 < bound + 1.5
+        assert usable(s)
+
+
+def test_slow_tools_still_do_not_eat_the_code_time():
+    with Sandbox(tools=[slow_tool], timeout=1) as s:
+        r = s.run('for _ in range(30): slow_tool()\nprint("done")')  # 1.5 s of tools in a 1 s run
+        assert r.output == 'done\n' and not r.timed_out, r
+
+
+# kind 3: exceptions that must not escape run / fork_run
+
+def test_worker_dies_during_a_tool_call():
+    "The parent answers a tool call to a dead worker (BrokenPipeError inside): an error result, not an exception."
+    with Sandbox(tools=[slow_tool], timeout=TIMEOUT) as s:
+        r = s.run(SEND + "sendj({'type': 'tool', 'name': 'slow_tool', 'args': [], 'kwargs': {}})\nos._exit(0)")
+        assert r.error and 'SandboxError' in r.error and r.restarted, r
+        r = s.fork_run([SEND + "sendj({'type': 'tool', 'name': 'slow_tool', 'args': [], 'kwargs': {}})\nos._exit(0)", '3'])
+        assert r[0].error and r[1].output == '3\n', r
+        assert usable(s)
+
+
+def test_candidates_that_vanish(sb):
+    "Candidates that exit, crash or time out (ProcessLookupError territory) give error results; adopt refuses them."
+    rs = sb.fork_run([ESC + 'os._exit(0)', ESC + 'os.abort()', 'while True: pass', '1'], keep=True, timeout=1)
+    assert all(r.error for r in rs[:3]) and rs[3].output == '1\n', rs
+    for i in range(3):
+        with pytest.raises(ValueError): sb.adopt(i)
+    sb.adopt(3); assert usable(sb)
+
+
+@pytest.mark.parametrize('reply', ["[1]", "{'type': 'forked', 'n': 'x'}", "{'type': 'forked', 'n': 10**6}",
+                                   "{'type': 'forked', 'n': None, 'error': {'a': 1}}", "{'type': 'forked', 'n': True}"])
+def test_malformed_fork_reply(fresh, reply):
+    assert fresh.run(FORGE_FORK.format(reply=reply)).error is None
+    rs = fresh.fork_run(['1', '2'])
+    assert len(rs) == 2 and all(r.error for r in rs), rs
+    assert usable(fresh)
+
+
+# kind 4: results that would break what comes after
+
+def test_huge_integer_final_answer_keeps_the_worker(sb):
+    sb.reset(); sb.run('keep = 5')
+    r = sb.run('final_answer(10**100000)')  # the worker used to die turning it into JSON
+    assert r.is_final and r.error is None and 'digits' in r.final_answer and not r.restarted, r
+    r = sb.run('final_answer([10**5000, -(10**5000), 2**64])')
+    assert r.final_answer[2] == 2**64 and 'digits' in r.final_answer[1]
+    assert 'ValueError' in sb.run('print(10**100000)').error
+    assert sb.run('keep').output == '5\n'
+
+
+@pytest.mark.parametrize('code', ["raise ValueError('x' * 30_000_000)", "assert False, 'y' * 30_000_000",
+                                  "{}['k' * 30_000_000]", "def f():\n    raise RuntimeError('z' * 30_000_000)\nf()"])
+def test_huge_error_text_is_capped(sb, code):
+    r = sb.run(code)
+    assert r.error and len(r.error) < 6_000 and not r.restarted, len(r.error or '')
+
+
+def test_huge_final_answer_is_capped(sb):
+    r = sb.run("final_answer('z' * 5_000_000)")
+    assert r.is_final and len(r.final_answer) < 101_000 and not r.restarted
+    r = sb.run("a = []\nfor _ in range(100): a = [a]\nfinal_answer(a)")
+    assert r.is_final and len(repr(r.final_answer)) < 10_000
+
+
+FORGED_SURROGATES = ('{"type": "result", "output": "\\ud800", "error": "\\udc00", "final_answer": {"\\ud800": "\\udfff"}, '
+                     '"is_final": true}')
+
+
+@pytest.mark.parametrize('code', ["print('lone \\ud800 surrogate')", "raise ValueError('\\udfff')",
+                                  "final_answer({'\\udc00k': ['\\ud83d', 'ok']})", "print(chr(0xdc00))",
+                                  SEND + f"send({FORGED_SURROGATES!r}.encode())"])
+def test_results_are_valid_utf8(sb, code):
+    "Lone surrogates would crash the next HTTP request or the JSONL writer: every string in a result encodes as UTF-8."
+    r = sb.run(code)
+    for text in (r.output, r.error or '', json.dumps(r.final_answer, ensure_ascii=False)): text.encode('utf-8')
+    assert '\ufffd' in r.output + (r.error or '') + json.dumps(r.final_answer, ensure_ascii=False), r
+
+
+def test_tool_arguments_are_valid_utf8_and_bounded():
+    got = []
+    with Sandbox(tools={'echo': lambda q: got.append(q) or q}, timeout=TIMEOUT) as s:
+        r = s.run("echo('a\\ud800b')")
+        assert got == ['a\ufffdb'] and r.output == "'a\ufffdb'\n", (got, r)
+        r = s.run("echo('x' * 2_000_000)")
+        assert 'ValueError' in r.error and 'over' in r.error and not r.restarted and len(got) == 1
+
+
+# kind 5: fork candidates are independent
+
+def test_candidate_files_are_private(sb):
+    sb.reset()
+    rs = sb.fork_run(["open('shared.txt', 'w').write('A')\nprint('wrote')",
+                      "import time; time.sleep(0.5); print(open('shared.txt').read())"])
+    assert rs[0].output == 'wrote\n' and 'FileNotFoundError' in rs[1].error, rs
+    assert 'FileNotFoundError' in sb.run("open('shared.txt').read()").error
+
+
+def test_candidate_cannot_reach_sibling_or_worker_files(fresh):
+    "With the audit hook off, Landlock alone keeps a candidate inside its own copy of scratch."
+    fresh.run(f"open('base.txt', 'w').write('b')")
+    scratch = str(fresh.scratch)
+    rs = fresh.fork_run([ESC + f"open('{scratch}/base.txt', 'a').write('x')",
+                         ESC + "print(os.listdir('..'))",
+                         ESC + f"print([d for d in os.listdir('{scratch}')])",
+                         ESC + "print(open('base.txt').read())"])
+    assert all('PermissionError' in (r.error or '') for r in rs[:3]), rs
+    assert rs[3].output == 'b\n'
+    assert fresh.run("print(open('base.txt').read())").output == 'b\n'
+
+
+def scratch_entries(s) -> list:
+    "The names in the worker's scratch directory, read by the parent through /proc (the worker's own mount view)."
+    return sorted(os.listdir(f'/proc/{s._pid}/root{s.scratch}'))
+
+
+def test_candidate_copies_are_removed(sb):
+    sb.reset(); sb.run("open('mine.txt', 'w').write('m')")
+    sb.fork_run(["open('c.txt', 'w').write('c')"] * 3)
+    assert scratch_entries(sb) == ['mine.txt']
+    assert 'FileNotFoundError' in sb.run("open('c.txt').read()").error
+    rs = sb.fork_run(["open('w.txt', 'w').write('0')", "open('w.txt', 'w').write('1')"], keep=True)
+    sb.adopt(1)
+    assert sb.run("print(open('w.txt').read() + open('mine.txt').read())").output == '1m\n'
+    tree = [(os.path.relpath(d, f'/proc/{sb._pid}/root{sb.scratch}'), sorted(fs))
+            for d, _, fs in os.walk(f'/proc/{sb._pid}/root{sb.scratch}')]
+    assert len(tree) == 2 and tree[1][1] == ['mine.txt', 'w.txt'] and tree[0][1] == [], tree  # only the winner's copy is left
+
+
+@pytest.mark.parametrize('how', ["p = os.getppid()\nfor q in range(p - 3, p + 30):\n    if q != os.getpid():\n"
+                                 "        try: os.kill(q, 9)\n        except OSError: pass",
+                                 "os.kill(-1, 9)", "os.killpg(0, 9)", "sys.modules['ctypes'].CDLL(None).kill(os.getppid(), 9)",
+                                 "os.kill(os.getppid(), 19)"])
+def test_candidate_cannot_signal_siblings_or_worker(fresh, how):
+    "One candidate tries to decide the vote by killing (or stopping) the others and the worker: the kernel refuses."
+    fresh.run('x = 1')
+    rs = fresh.fork_run([ESC + how, 'import time; time.sleep(0.5); x + 1', 'import time; time.sleep(0.5); x + 2'], timeout=TIMEOUT)
+    assert rs[1].output == '2\n' and rs[2].output == '3\n', rs
+    r = fresh.run('x')
+    assert r.output == '1\n' and not r.restarted
+
+
+FORK_SLEEPER = ESC + "pid = os.fork()\nif pid == 0:\n    while True: pass\nprint(pid)"
+FORK_ORPHAN = ESC + ("r, w = os.pipe()\nif os.fork() == 0:\n    g = os.fork()\n    if g: os.write(w, str(g).encode()); os._exit(0)\n"
+                     "    while True: pass\nprint(int(os.read(r, 20)))")  # the grandchild outlives its parent
+
+
+def gone_soon(pid, wait=1.0) -> bool:
+    end = time.monotonic() + wait
+    while time.monotonic() < end:
+        if gone(pid): return True
+        time.sleep(0.02)
+    return gone(pid)
+
+
+@pytest.mark.parametrize('code', [FORK_SLEEPER, FORK_ORPHAN])
+def test_processes_started_by_a_run_end_with_it(fresh, code):
+    r = fresh.run(code)
+    assert r.error is None, r
+    assert gone_soon(int(r.output)) and sandbox_procs(fresh, {fresh._pid}) == {fresh._pid}
+    assert usable(fresh)
+
+
+@pytest.mark.parametrize('keep', [False, True])
+def test_processes_started_by_candidates_end_with_fork_run(fresh, keep):
+    rs = fresh.fork_run([FORK_SLEEPER, FORK_ORPHAN, '1'], keep=keep)
+    assert rs[0].error is None and rs[1].error is None, rs
+    for r in rs[:2]: assert gone_soon(int(r.output))
+    kept = {fresh._pid, *(c.pid for c in fresh._kept.values())}
+    assert sandbox_procs(fresh, kept) == kept
+    if keep: fresh.adopt(2); assert sandbox_procs(fresh, {fresh._pid}) == {fresh._pid}
+
+
+def test_background_processes_die_without_a_cgroup():
+    "Where there is no cgroup, the parent finds the sandbox's processes as the zygote's descendants in /proc."
+    with Sandbox(timeout=TIMEOUT, layers=[l for l in LAYERS if l not in ('cgroup', 'audit_hook')]) as s:
+        assert s.protections['cgroup'].startswith('off')
+        r = s.run(FORK_SLEEPER)
+        assert gone_soon(int(r.output)) and sandbox_procs(s, {s._pid}) == {s._pid}
+        rs = s.fork_run([FORK_SLEEPER, '2'], keep=True)
+        kept = {s._pid, *(c.pid for c in s._kept.values())}
+        assert gone_soon(int(rs[0].output)) and sandbox_procs(s, kept) == kept
+
+
+# kind 6: the audit hook is a convenience
+
+def test_audit_hook_is_a_convenience(sb, host):
+    "Model code can switch the hook off; the kernel layers still refuse, and the protections say what the hook is."
+    assert 'not a boundary' in sb.protections['audit_hook']
+    r = sb.run("g = final_answer.__self__.guard\ng.locked = False\n" + ESC + f"print(open('{host.env}').read())")
+    assert r.error and host.token not in r.output + r.error
+    sb.reset()
+
+
+# the agent's tools stay callable (issue 14, kind 2) and final_answer ends the step (kind 7)
+
+@pytest.fixture(scope='module')
+def tooled():
+    with Sandbox(tools={'retrieve': lambda q: [f'passage about {q}']}, timeout=TIMEOUT) as s: yield s
+
+
+@pytest.mark.parametrize('code', ['final_answer = "Paris"', 'retrieve = retrieve("x")', 'del final_answer',
+                                  'def final_answer(x): return x', 'import math as retrieve', 'for retrieve in range(3): pass',
+                                  '(final_answer := 1)', 'class retrieve: pass', 'try: 1/0\nexcept Exception as final_answer: pass',
+                                  'from math import pi as final_answer', 'x = 1\nif x:\n    retrieve, y = 1, 2'])
+def test_tool_names_cannot_be_rebound(tooled, code):
+    r = tooled.run(code)
+    assert r.error and 'cannot be reassigned' in r.error and not r.restarted, r
+    assert tooled.run('print(retrieve("y"))').output == "['passage about y']\n"
+    r = tooled.run('final_answer("Paris")')
+    assert r.is_final and r.final_answer == 'Paris'
+
+
+@pytest.mark.parametrize('code', ["globals()['final_answer'] = 'Paris'", "globals()['retrieve'] = None",
+                                  "__builtins__['final_answer'] = None", "__builtins__['retrieve'] = len",
+                                  "__builtins__.clear()", "globals()['__builtins__'] = {}"])
+def test_tool_names_are_restored_before_each_step(tooled, code):
+    "Rebinding that reading the code cannot see is undone before the next step."
+    tooled.run(code)
+    assert tooled.run('print(retrieve("y"))').output == "['passage about y']\n"
+    r = tooled.run('final_answer("Paris")')
+    assert r.is_final and r.final_answer == 'Paris'
+    tooled.run('def f(): return retrieve("z")')  # functions defined earlier see the restored tools too
+    tooled.run("__builtins__['retrieve'] = len")
+    assert tooled.run('f()').output == "['passage about z']\n"
+
+
+@pytest.mark.parametrize('code', ["try:\n    final_answer(1)\nexcept Exception:\n    pass\nprint('after')",
+                                  "try:\n    final_answer(1)\nexcept BaseException:\n    pass\nprint('after')",
+                                  "try:\n    final_answer(1)\nexcept:\n    print('swallowed')\nprint('after')",
+                                  "try:\n    final_answer(1)\nexcept BaseException as e:\n    print(repr(e))\nfinal_answer(2)",
+                                  "for i in range(3):\n    try:\n        final_answer(1 + i)\n    except BaseException:\n        continue",
+                                  "def f():\n    try:\n        final_answer(1)\n    except:\n        return 0\nf()\nprint('after')",
+                                  "try:\n    final_answer(1)\nexcept* BaseException:\n    pass\nprint('after')",
+                                  "try:\n    try:\n        final_answer(1)\n    finally:\n        print('cleanup')\nexcept BaseException:\n    pass\nprint('after')"])
+def test_final_answer_ends_the_code_under_broad_handlers(tooled, code):
+    r = tooled.run(code)
+    assert r.is_final and r.final_answer == 1 and r.error is None, r
+    assert 'after' not in r.output and 'swallowed' not in r.output and 'FinalAnswer' not in r.output, r
+
+
+def test_final_answer_inside_a_candidate_handler(tooled):
+    rs = tooled.fork_run(["try:\n    final_answer(retrieve('a'))\nexcept BaseException:\n    final_answer('swallowed')"] * 2)
+    assert [r.final_answer for r in rs] == [['passage about a']] * 2
