@@ -838,7 +838,9 @@ class _Procs:
 
     def members(self) -> set[int]:
         "Pids of this sandbox's live processes except the zygote: the cgroup's list, else the zygote's descendants."
-        if self.cgroup is not None and self.cgroup.dirs: return self.cgroup.procs()
+        if self.cgroup is not None and self.cgroup.dirs:
+            try: return self.cgroup.procs()
+            except (OSError, ValueError): pass
         return _descendants(self.zygote.pid) if self.zygote is not None else set()
 
     def kill(self, pids) -> int:
