@@ -11,7 +11,7 @@ from .prompts import (THOUGHT, CODE_OPEN, CODE_CLOSE, END_CODE, OBSERVATION, STO
 
 # %% auto #0
 __all__ = ['PARSE_ERROR', 'FORCE_FINAL', 'Action', 'parse_action', 'truncate_observation', 'observation_text', 'Step',
-           'Trajectory', 'CodeAgent']
+           'Trajectory', 'make_step', 'GreedyAction', 'CodeAgent']
 
 # %% ../nbs/06_agent.ipynb #5da367bb
 @dataclass
@@ -21,7 +21,7 @@ class Action:
     code: str | None
     error: str | None = None  # parse error shown to the model as its observation
 
-_FENCE = re.compile(r'```[ \t]*(?:py|python|python3|Python)?[ \t]*\n(.*?)(?:\n?```|$)', re.S)
+_FENCE = re.compile(r'```[ \t]*(?:py(?:thon)?3?)?[ \t]*\n(.*?)(?:\n?```|$)', re.S | re.I)
 
 def _strip_stray(text: str) -> str:
     "Cut what the model should not have written: an invented observation, anything after the end marker."
@@ -47,7 +47,7 @@ PARSE_ERROR = ("Error: no Python code block found. Write 'Thought:' then your co
 
 def parse_action(text: str) -> Action:
     "Split a model's turn into thought and code, forgiving fence variants and stray markers."
-    text = _strip_stray(text or '')
+    text = _strip_stray((text or '').replace('\r\n', '\n').replace('\r', '\n'))
     blocks = [b.strip() for b in _FENCE.findall(text) if b.strip()]
     first = text.find('```')
     thought = (text[:first] if first >= 0 else text).strip()
@@ -142,87 +142,119 @@ def _repr_markdown_(self: Trajectory) -> str:
                  f"{self.completion_tokens} generated tokens, {self.wall_s:.1f}s")
     return '\n\n'.join(parts)
 
+# %% ../nbs/06_agent.ipynb #c8cc0f11
+def make_step(a: Action,                  # the parsed action
+              raw: str,                   # the assistant text it was parsed from (prefix included)
+              result=None,                # its `ExecResult` (None when it did not parse)
+              obs_max_chars: int = 2000,  # observation budget
+              **kw) -> Step:              # more `Step` fields (exec_s, candidates, ...)
+    "The `Step` of an action and what its execution did."
+    if a.error: return Step(a.thought, a.code, a.error, error=a.error, parse_failed=True, raw=raw, **kw)
+    return Step(a.thought, a.code, observation_text(result, obs_max_chars), error=result.error,
+                is_final=bool(result.is_final), raw=raw, **kw)
+
+# %% ../nbs/06_agent.ipynb #43cccd14
+class GreedyAction:
+    "The plain action policy: one completion per step (greedy unless a temperature is given), parsed and run."
+    def __init__(self, temperature: float = 0.0,  # 0 = greedy (paper: greedy teacher and student)
+                 top_p: float = 1.0): self.n, self.temperature, self.top_p = 1, temperature, top_p
+
+    def sampling(self) -> dict: return dict(n=1, temperature=self.temperature, top_p=self.top_p)
+    def __repr__(self): return f'GreedyAction(temperature={self.temperature}, top_p={self.top_p})'
+
+    def choose(self, texts: list, sandbox, obs_max_chars: int = 2000) -> tuple:
+        "(Step, ExecResult or None) for the one completion in `texts`, run in `sandbox`."
+        a = parse_action(texts[0])
+        if a.error: return make_step(a, texts[0]), None
+        t0 = time.time(); r = sandbox.run(a.code)
+        return make_step(a, texts[0], r, obs_max_chars, exec_s=time.time() - t0), r
+
 # %% ../nbs/06_agent.ipynb #fdbd85ac
 FORCE_FINAL = ("You have reached the maximum number of steps. Based on what you found so far, call final_answer(...) "
                "now with your best answer.")
 
 class CodeAgent:
-    "A CodeAct agent: a language model acting through a Python sandbox."
+    "A CodeAct agent: a language model acting through a Python sandbox, each action chosen by a policy."
     def __init__(self, lm,                  # anything with `generate(messages_list, n, temperature, ...)`
                  sandbox,                   # a `Sandbox` (its tools are described in the prompt)
                  tools=None,                # tools to describe in the prompt (default: the sandbox's)
                  max_steps: int = 5,        # paper: 5
                  student: bool = False,     # short student prompt instead of the teacher's few-shot prompt
-                 temperature: float = 0.0,  # paper: greedy teacher
+                 policy=None,               # how an action is chosen (default `GreedyAction`; SAG: `voting.SelfConsistentAction`)
+                 temperature: float = 0.0,  # the default policy's decoding (paper: greedy teacher)
                  top_p: float = 1.0,
                  max_new_tokens: int = 512, # paper: 1024 per step
                  obs_max_chars: int = 2000, # observation budget
                  imports=DEFAULT_IMPORTS,   # imports the prompt allows
-                 sag: bool = False,         # self-consistent action generation (see `voting`)
-                 n: int = 8,                # SAG: candidates per step (paper: 8)
-                 sag_temperature: float = 0.4,  # SAG sampling (paper: 0.4, top-p 0.8)
-                 sag_top_p: float = 0.8,
                  step_prefix: str | None = None):  # every turn starts with this (e.g. 'Thought:') unless a first-thought prefix is given
-        self.lm, self.sandbox, self.max_steps, self.student = lm, sandbox, max_steps, student
-        self.step_prefix = step_prefix
-        self.sag, self.n, self.sag_temperature, self.sag_top_p = sag, n, sag_temperature, sag_top_p
+        if max_steps < 1: raise ValueError(f"max_steps must be at least 1, got {max_steps}")
+        self.lm, self.sandbox, self.max_steps, self.student, self.step_prefix = lm, sandbox, max_steps, student, step_prefix
+        self.policy = policy if policy is not None else GreedyAction(temperature, top_p)
         self.tools = tools if tools is not None else getattr(sandbox, 'tools', None)
-        self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
-        self.obs_max_chars, self.imports = obs_max_chars, imports
+        self.max_new_tokens, self.obs_max_chars, self.imports = max_new_tokens, obs_max_chars, imports
 
 # %% ../nbs/06_agent.ipynb #afdc4030
-def _usage(lm) -> tuple[int, int]:
-    "(prompt, completion) tokens of the LM's last call, if it reports them."
-    u = getattr(lm, 'last_usage', None) or {}
-    return int(u.get('prompt_tokens', 0)), int(u.get('completion_tokens', 0))
-
-@patch
-def act(self: CodeAgent, messages: list, prefix: str | None = None) -> tuple:
-    "Generate, parse and execute one action from `messages`: (Step, ExecResult or None if unparseable)."
-    if self.sag:  # sample n candidates and vote (defined in the voting notebook)
-        from agent_distillation.voting import sag_act
-        return sag_act(self, messages, prefix)
-    t0 = time.time()
-    out = self.lm.generate([messages], n=1, temperature=self.temperature, top_p=self.top_p,
-                           max_new_tokens=self.max_new_tokens, stop=STOP_SEQUENCES, prefix=prefix)[0][0]
-    gen_s, (_, ctoks) = time.time() - t0, _usage(self.lm)
-    raw = (prefix or '') + out
-    a = parse_action(raw)
-    if a.error: return Step(a.thought, a.code, a.error, error=a.error, parse_failed=True, raw=raw, gen_s=gen_s, completion_tokens=ctoks), None
-    t0 = time.time(); r = self.sandbox.run(a.code)
-    return Step(a.thought, a.code, observation_text(r, self.obs_max_chars), error=r.error, is_final=bool(r.is_final),
-                raw=raw, gen_s=gen_s, exec_s=time.time() - t0, completion_tokens=ctoks), r
-
-# %% ../nbs/06_agent.ipynb #570764e3
-@patch
-def _record(self: CodeAgent, traj: Trajectory, step: Step, result=None):
-    "Append a step to the trajectory: the assistant turn, then the observation unless it is final."
-    traj.steps.append(step)
-    ptoks, _ = _usage(self.lm); traj.prompt_tokens += ptoks; traj.completion_tokens += step.completion_tokens
-    content = format_action(step.thought, step.code) if not step.parse_failed else step.raw.strip()
-    traj.messages.append({'role': 'assistant', 'content': content})
-    if step.is_final: traj.final_answer = result.final_answer
-    else: traj.messages.append({'role': 'user', 'content': format_observation(step.observation)})
-
-# %% ../nbs/06_agent.ipynb #e3a25984
 def _reset(sandbox):
     "Fresh interpreter state for a new question."
     for name in ('reset', 'restart'):
         if callable(getattr(sandbox, name, None)): return getattr(sandbox, name)()
 
 @patch
+def start(self: CodeAgent, question: str, domain: str = 'fact', prefix: str | None = None, id=None, gold=None) -> Trajectory:
+    "A new trajectory for `question` on a clean sandbox; `prefix` (a first-thought prefix) starts its first turn."
+    _reset(self.sandbox)
+    return Trajectory(question, domain, id=id, gold=gold, prefix=prefix,
+                      messages=agent_messages(question, domain, self.tools, self.student, self.imports))
+
+@patch
+def pending(self: CodeAgent, traj: Trajectory) -> bool:
+    "Whether `traj` needs another model turn (the forced final turn included)."
+    return not traj.answered and len(traj.steps) <= self.max_steps
+
+@patch
+def turn_prefix(self: CodeAgent, traj: Trajectory) -> str | None:
+    "How the pending turn starts: the first-thought prefix on the first turn, else `step_prefix`."
+    return (traj.prefix if not traj.steps else None) or self.step_prefix
+
+# %% ../nbs/06_agent.ipynb #570764e3
+@patch
+def _record(self: CodeAgent, traj: Trajectory, step: Step, result=None):
+    "Append a step: the assistant turn, then the observation unless it is final (asking for an answer after the last step)."
+    traj.steps.append(step)
+    traj.completion_tokens += step.completion_tokens
+    content = format_action(step.thought, step.code) if not step.parse_failed else step.raw.strip()
+    traj.messages.append({'role': 'assistant', 'content': content})
+    if step.is_final: traj.final_answer = result.final_answer; return
+    traj.messages.append({'role': 'user', 'content': format_observation(step.observation)})
+    if len(traj.steps) == self.max_steps: traj.messages[-1]['content'] += '\n\n' + FORCE_FINAL
+
+@patch
+def take(self: CodeAgent, traj: Trajectory,
+         texts: list,                 # the model's completions of the pending turn, prefix included
+         prompt_tokens: int = 0,      # what generating them cost
+         completion_tokens: int = 0,
+         gen_s: float = 0.0) -> Step:
+    "Let the policy choose and run this turn's action from `texts`, and record it in `traj`."
+    step, result = self.policy.choose(texts, self.sandbox, self.obs_max_chars)
+    step.gen_s, step.completion_tokens, step.forced = gen_s, completion_tokens, len(traj.steps) == self.max_steps
+    traj.prompt_tokens += prompt_tokens
+    self._record(traj, step, result)
+    return step
+
+# %% ../nbs/06_agent.ipynb #e3a25984
+def _usage(lm) -> tuple[int, int]:
+    "(prompt, completion) tokens of the LM's last call, if it reports them."
+    u = getattr(lm, 'last_usage', None) or {}
+    return int(u.get('prompt_tokens', 0)), int(u.get('completion_tokens', 0))
+
+@patch
 def run(self: CodeAgent, question: str, domain: str = 'fact', prefix: str | None = None, id=None, gold=None) -> Trajectory:
     "Answer `question` by acting; `prefix` (a first-thought prefix) starts the first turn."
-    t0 = time.time(); _reset(self.sandbox)
-    traj = Trajectory(question, domain, id=id, gold=gold, prefix=prefix,
-                      messages=agent_messages(question, domain, self.tools, self.student, self.imports))
-    for i in range(self.max_steps):
-        self._record(traj, *self.act(traj.messages, (prefix if i == 0 else None) or self.step_prefix))
-        if traj.answered: break
-    if not traj.answered:
-        traj.messages[-1]['content'] += '\n\n' + FORCE_FINAL
-        step, result = self.act(traj.messages, self.step_prefix)
-        step.forced = True
-        self._record(traj, step, result)
+    t0 = time.time(); traj = self.start(question, domain, prefix, id, gold)
+    while self.pending(traj):
+        p, t1 = self.turn_prefix(traj), time.time()
+        outs = self.lm.generate([traj.messages], max_new_tokens=self.max_new_tokens, stop=STOP_SEQUENCES, prefix=p,
+                                **self.policy.sampling())[0]
+        self.take(traj, [(p or '') + o for o in outs], *_usage(self.lm), time.time() - t1)
     traj.wall_s = time.time() - t0
     return traj

@@ -14,6 +14,8 @@ from .prompts import cot_messages, first_thought_prefix
 from .retriever import format_hits
 from .scoring import extract_answer, score
 from .agent import CodeAgent
+from .rollouts import Task, rollouts
+from .voting import SelfConsistentAction
 
 # %% auto #0
 __all__ = ['ANSWER_FIELDS', 'Method', 'CoTMethod', 'AgentMethod', 'evaluate', 'summarize', 'results_table', 'markdown_table',
@@ -24,6 +26,10 @@ class Method:
     "An answering method: `answer(example) -> dict` with `prediction` and the cost fields of `ANSWER_FIELDS`."
     name: str = 'method'
     def answer(self, example: Example) -> dict: raise NotImplementedError
+    def answers(self, examples: list):
+        "(example, answer, seconds) for each of `examples` as it is answered; one at a time unless a method batches."
+        for e in examples:
+            t0 = time.time(); a = self.answer(e); yield e, a, time.time() - t0
     def close(self): pass
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
@@ -41,29 +47,47 @@ class CoTMethod(Method):
                  name: str | None = None,         # the row name in results tables
                  max_new_tokens: int = 512,
                  passage_chars: int | None = 600, # characters per passage in the prompt
-                 temperature: float = 0.0):
+                 temperature: float = 0.0,
+                 batch_size: int = 16):           # questions per model call
         self.lm, self.retriever, self.k, self.max_new_tokens = lm, retriever, k, max_new_tokens
-        self.passage_chars, self.temperature = passage_chars, temperature
+        self.passage_chars, self.temperature, self.batch_size = passage_chars, temperature, batch_size
         self.name = name or ('CoT + RAG' if retriever is not None else 'CoT')
 
 # %% ../nbs/11_evaluate.ipynb #1277109c
 from fastcore.basics import patch
 
 @patch
+def _prompt(self: CoTMethod, example: Example) -> tuple[list, str | None]:
+    "The CoT conversation for `example` and the passages put into it (None without a retriever)."
+    ctx = format_hits(self.retriever.search(example.question, self.k), self.passage_chars) if self.retriever is not None else None
+    return cot_messages(example.question, example.domain, ctx), ctx
+
+def _cot_answer(text: str, usage: dict, ctx, domain: str) -> dict:
+    "The answer record of one CoT reply."
+    pred = extract_answer(text, domain)
+    return dict(prediction=pred, answered=pred is not None, steps=1, retrieval_calls=int(ctx is not None), code_errors=0,
+                parse_failures=0, prompt_tokens=usage['prompt_tokens'], completion_tokens=usage['completion_tokens'], output=text)
+
+@patch
+def answers(self: CoTMethod, examples: list):
+    "CoT answers, `batch_size` questions per model call; (example, answer, seconds) each."
+    for i in range(0, len(examples), max(1, self.batch_size)):
+        chunk, t0 = examples[i:i + max(1, self.batch_size)], time.time()
+        prompts = [self._prompt(e) for e in chunk]
+        outs = self.lm.generate([m for m, _ in prompts], n=1, temperature=self.temperature, max_new_tokens=self.max_new_tokens)
+        usages, secs = self.lm.last_usages, (time.time() - t0) / len(chunk)
+        for e, (_, ctx), row, u in zip(chunk, prompts, outs, usages): yield e, _cot_answer(row[0], u, ctx, e.domain), secs
+
+@patch
 def answer(self: CoTMethod, example: Example) -> dict:
     "One CoT reply to `example` and the answer extracted from it."
-    ctx = format_hits(self.retriever.search(example.question, self.k), self.passage_chars) if self.retriever is not None else None
-    text = self.lm.generate([cot_messages(example.question, example.domain, ctx)], n=1, temperature=self.temperature,
-                            max_new_tokens=self.max_new_tokens)[0][0]
-    u, pred = self.lm.last_usage, extract_answer(text, example.domain)
-    return dict(prediction=pred, answered=pred is not None, steps=1, retrieval_calls=int(ctx is not None), code_errors=0,
-                parse_failures=0, prompt_tokens=u['prompt_tokens'], completion_tokens=u['completion_tokens'], output=text)
+    return next(self.answers([example]))[1]
 
 # %% ../nbs/11_evaluate.ipynb #bb26e348
 class AgentMethod(Method):
     "A CodeAct agent (prompted, distilled, ± FTP, ± SAG) as an answering method."
-    def __init__(self, lm,                         # the agent's model
-                 make_sandbox,                     # () -> Sandbox with the tools (one per worker thread)
+    def __init__(self, lm,                         # the agent's model (`rollouts.PrefixCacheLM` reads each conversation once)
+                 make_sandbox,                     # () -> a new Sandbox with the tools (one per conversation in flight)
                  student: bool = True,             # short student prompt (distilled students); False: teacher's few-shot prompt
                  sag: bool = False,                # self-consistent action generation
                  n: int = 8,                       # SAG candidates per step
@@ -74,17 +98,21 @@ class AgentMethod(Method):
                  max_new_tokens: int = 512,        # per step (paper: 1024)
                  ftp_max_new_tokens: int = 512,    # for the prefix's CoT
                  keep_trajectory: bool = True,     # put the whole trajectory into each record
-                 **agent_kw):                      # more `CodeAgent` options (temperature, sag_temperature, ...)
-        self.lm, self.make_sandbox, self.ftp, self.ftp_lm = lm, make_sandbox, ftp, ftp_lm
+                 batch_size: int = 16,             # conversations in lockstep (1: one `CodeAgent.run` at a time)
+                 sag_temperature: float = 0.4,     # SAG sampling (paper: 0.4, top-p 0.8)
+                 sag_top_p: float = 0.8,
+                 **agent_kw):                      # more `CodeAgent` options (policy, temperature, step_prefix, ...)
+        self.lm, self.make_sandbox, self.ftp, self.ftp_lm, self.batch_size = lm, make_sandbox, ftp, ftp_lm, batch_size
         self.ftp_max_new_tokens, self.keep_trajectory = ftp_max_new_tokens, keep_trajectory
-        self.agent_kw = dict(student=student, sag=sag, n=n, max_steps=max_steps, max_new_tokens=max_new_tokens, **agent_kw)
+        if sag: agent_kw.setdefault('policy', SelfConsistentAction(n, sag_temperature, sag_top_p))
+        self.agent_kw = dict(student=student, max_steps=max_steps, max_new_tokens=max_new_tokens, **agent_kw)
         self.name = name or 'agent' + (' +FTP' if ftp else '') + (' +SAG' if sag else '')
-        self._local, self._sandboxes, self._lock = threading.local(), [], threading.Lock()
+        self._local, self._sandboxes, self._pool, self._lock = threading.local(), [], [], threading.Lock()
 
 # %% ../nbs/11_evaluate.ipynb #c92d6181
 @patch
 def _agent(self: AgentMethod) -> CodeAgent:
-    "This thread's agent, with its own sandbox."
+    "This thread's agent, with its own sandbox (the `workers` path of `evaluate`)."
     if not hasattr(self._local, 'agent'):
         sb = self.make_sandbox()
         with self._lock: self._sandboxes.append(sb)
@@ -92,48 +120,84 @@ def _agent(self: AgentMethod) -> CodeAgent:
     return self._local.agent
 
 @patch
-def _prefix(self: AgentMethod, example: Example) -> tuple[str | None, int, int]:
-    "The first-thought prefix for `example` (None without FTP) and the tokens it cost."
-    if not self.ftp: return None, 0, 0
-    lm = self.ftp_lm or self.lm
-    cot = lm.generate([cot_messages(example.question, example.domain)], n=1, temperature=0.0, max_new_tokens=self.ftp_max_new_tokens)[0][0]
-    return first_thought_prefix(cot), lm.last_usage['prompt_tokens'], lm.last_usage['completion_tokens']
+def _slots(self: AgentMethod, k: int) -> list:
+    "Sandboxes for up to `batch_size` conversations at once, made on first use and kept; a factory that returns one shared sandbox gives one slot."
+    with self._lock:
+        while len(self._pool) < min(self.batch_size, max(1, k)):
+            sb = self.make_sandbox()
+            if any(sb is s for s in self._pool): break
+            self._pool.append(sb)
+        return self._pool[:min(self.batch_size, max(1, k))]
+
+@patch
+def _prefixes(self: AgentMethod, examples: list) -> list[tuple]:
+    "First-thought prefixes of `examples` from one batched CoT call: (prefix, prompt tokens, completion tokens, seconds) each."
+    if not self.ftp: return [(None, 0, 0, 0.0)] * len(examples)
+    lm, t0 = self.ftp_lm or self.lm, time.time()
+    cots = lm.generate([cot_messages(e.question, e.domain) for e in examples], n=1, temperature=0.0, max_new_tokens=self.ftp_max_new_tokens)
+    secs = (time.time() - t0) / len(examples)
+    return [(first_thought_prefix(c[0]), u['prompt_tokens'], u['completion_tokens'], secs) for c, u in zip(cots, lm.last_usages)]
 
 # %% ../nbs/11_evaluate.ipynb #96ed340b
 @patch
-def answer(self: AgentMethod, example: Example) -> dict:
-    "Run the agent on `example`."
-    prefix, ptoks, ctoks = self._prefix(example)
-    t = self._agent().run(example.question, example.domain, prefix=prefix, id=example.id, gold=example.answer)
+def _answer_of(self: AgentMethod, t, ptoks: int = 0, ctoks: int = 0) -> dict:
+    "The answer record of a finished trajectory (plus what its prefix cost)."
     rec = dict(prediction=t.final_answer if t.answered else None, answered=t.answered, steps=len(t.steps),
                retrieval_calls=t.retrieval_calls, code_errors=t.code_errors, parse_failures=t.parse_failures,
                prompt_tokens=t.prompt_tokens + ptoks, completion_tokens=t.completion_tokens + ctoks)
     return rec | ({'trajectory': t.to_dict()} if self.keep_trajectory else {})
 
 @patch
+def answer(self: AgentMethod, example: Example) -> dict:
+    "Run the agent on `example`, alone."
+    prefix, ptoks, ctoks, _ = self._prefixes([example])[0]
+    t = self._agent().run(example.question, example.domain, prefix=prefix, id=example.id, gold=example.answer)
+    return self._answer_of(t, ptoks, ctoks)
+
+@patch
+def _tasks(self: AgentMethod, examples: list, waiting: dict):
+    "Rollout tasks for `examples`, prefixes written `batch_size` at a time as the run needs them; notes each in `waiting`."
+    for i in range(0, len(examples), self.batch_size):
+        chunk = examples[i:i + self.batch_size]
+        for e, (p, pt, ct, secs) in zip(chunk, self._prefixes(chunk)):
+            waiting.setdefault((str(e.id), e.question, e.domain), []).append((e, pt, ct, secs))
+            yield Task(e.question, e.domain, p, e.id, e.answer)
+
+@patch
+def answers(self: AgentMethod, examples: list):
+    "Agent answers, `batch_size` conversations in lockstep (`rollouts`); (example, answer, seconds) as each finishes."
+    if self.batch_size <= 1: yield from Method.answers(self, examples); return
+    waiting = {}
+    for t in rollouts(self.lm, self._tasks(list(examples), waiting), self._slots(len(examples)), **self.agent_kw):
+        e, pt, ct, secs = waiting[(str(t.id), t.question, t.domain)].pop(0)
+        yield e, self._answer_of(t, pt, ct), t.wall_s + secs
+
+@patch
 def close(self: AgentMethod):
     "Close the sandboxes this method opened."
-    with self._lock: sbs, self._sandboxes = self._sandboxes, []
-    for sb in sbs: sb.close()
+    with self._lock: sbs, self._sandboxes, self._pool = self._sandboxes + self._pool, [], []
+    for sb in {id(s): s for s in sbs}.values(): sb.close()
     self._local = threading.local()
 
 # %% ../nbs/11_evaluate.ipynb #3f9e9afd
 def _key(method: str, source: str, id) -> tuple: return (method, source, str(id))
 
-def _record(method: Method, e: Example, judge=None) -> dict:
-    "Answer and score one example."
-    t0 = time.time()
-    a = method.answer(e)
-    wall = time.time() - t0
+def _scored(method: Method, e: Example, a: dict, secs: float, judge=None) -> dict:
+    "The record of one answer: the example, the answer, its score and its time."
     m = score(a['prediction'], e, lm=judge)
     return dict(method=method.name, source=e.source, id=e.id, domain=e.domain, question=e.question, gold=e.answer,
-                **a, **m, wall_s=round(wall, 3))
+                **a, **m, wall_s=round(secs, 3))
+
+def _answer_timed(method: Method, e: Example) -> tuple:
+    "(example, answer, seconds) of one example answered alone."
+    t0 = time.time(); a = method.answer(e)
+    return e, a, time.time() - t0
 
 # %% ../nbs/11_evaluate.ipynb #8ed81c30
 def evaluate(method: Method,               # what answers
              examples: list[Example],      # the questions (any mix of benchmarks and domains)
              out=None,                     # JSONL file of records: appended, and resumed from (skip done keys)
-             workers: int = 1,             # questions in flight at once
+             workers: int = 1,             # >1: questions answered one per thread (a served model batches them itself)
              judge=None,                   # optional LLM judge for factual answers (`scoring.llm_judge`)
              progress: bool = True         # show a tqdm bar
             ) -> pd.DataFrame:
@@ -141,18 +205,17 @@ def evaluate(method: Method,               # what answers
     done = {_key(r['method'], r['source'], r['id']): r for r in (read_jsonl(out) if out else [])}
     todo = [e for e in examples if _key(method.name, e.source, e.id) not in done]
     lock, new = threading.Lock(), {}
-    def job(e):
-        r = _record(method, e, judge)
+    def keep(e, a, secs):
+        r = _scored(method, e, a, secs, judge)
         with lock:
             if out: append_jsonl(out, r)
             new[_key(method.name, e.source, e.id)] = r
-    bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=method.name, disable=not progress)
-    with bar:
+    with tqdm(total=len(examples), initial=len(examples) - len(todo), desc=method.name, disable=not progress) as bar:
         if workers <= 1:
-            for e in todo: job(e); bar.update(1)
+            for e, a, secs in method.answers(todo): keep(e, a, secs); bar.update(1)
         else:
             with ThreadPoolExecutor(workers) as pool:
-                for f in as_completed([pool.submit(job, e) for e in todo]): f.result(); bar.update(1)
+                for f in as_completed([pool.submit(_answer_timed, method, e) for e in todo]): keep(*f.result()); bar.update(1)
     recs = done | new
     return pd.DataFrame([recs[_key(method.name, e.source, e.id)] for e in examples])
 

@@ -8,10 +8,11 @@ import re, time
 from collections import Counter
 from dataclasses import dataclass
 from .prompts import STOP_SEQUENCES
-from .agent import CodeAgent, Step, parse_action, observation_text
+from .agent import Action, CodeAgent, make_step, parse_action
 
 # %% auto #0
-__all__ = ['vote_key', 'failed', 'vote', 'Candidate', 'Candidates', 'self_consistent_action', 'sag_act', 'sag_sweep']
+__all__ = ['vote_key', 'failed', 'vote', 'Candidate', 'Candidates', 'vote_on', 'self_consistent_action', 'SelfConsistentAction',
+           'sag_sweep']
 
 # %% ../nbs/10_voting.ipynb #3859910d
 def _norm(x) -> str:
@@ -94,6 +95,21 @@ def _adopt(sandbox, i: int):
     try: sandbox.adopt(i)
     except ValueError: pass
 
+def vote_on(texts: list,   # sampled assistant turns (prefix included)
+            sandbox        # a `Sandbox`: candidates run in forks of its current state
+           ) -> tuple[int, Candidates]:
+    "Parse the candidates, run the parseable ones in forks, vote, adopt the winner's state; (winner index, candidates)."
+    actions = [parse_action(t) for t in texts]
+    runnable = [i for i, a in enumerate(actions) if not a.error]
+    results = [None] * len(texts)
+    if runnable:
+        for i, r in zip(runnable, sandbox.fork_run([actions[i].code for i in runnable], keep=True)): results[i] = r
+    win = vote(results)
+    if results[win] is not None: _adopt(sandbox, runnable.index(win))
+    return win, Candidates(Candidate(t, a.thought, a.code, r, a.error, i == win)
+                           for i, (t, a, r) in enumerate(zip(texts, actions, results)))
+
+# %% ../nbs/10_voting.ipynb #f2fc708d
 def self_consistent_action(lm,                          # anything with `generate(messages_list, n, temperature, ...)`
                            messages: list,              # the conversation so far
                            sandbox,                     # a `Sandbox`: candidates run in forks of its current state
@@ -107,31 +123,28 @@ def self_consistent_action(lm,                          # anything with `generat
     "Sample `n` actions in one call, run them in forks, vote, adopt the winner's state; (winner index, candidates)."
     outs = lm.generate([messages], n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                        stop=STOP_SEQUENCES, prefix=prefix, seed=seed)[0]
-    texts = [(prefix or '') + o for o in outs]
-    actions = [parse_action(t) for t in texts]
-    runnable = [i for i, a in enumerate(actions) if not a.error]
-    results = [None] * len(texts)
-    if runnable:
-        for i, r in zip(runnable, sandbox.fork_run([actions[i].code for i in runnable], keep=True)): results[i] = r
-    win = vote(results)
-    if results[win] is not None: _adopt(sandbox, runnable.index(win))
-    return win, Candidates(Candidate(t, a.thought, a.code, r, a.error, i == win)
-                           for i, (t, a, r) in enumerate(zip(texts, actions, results)))
+    return vote_on([(prefix or '') + o for o in outs], sandbox)
 
 # %% ../nbs/10_voting.ipynb #ceef23a6
-def sag_act(agent: CodeAgent, messages: list, prefix: str | None = None) -> tuple:
-    "The `CodeAgent.act` of self-consistent action generation: (Step, ExecResult or None)."
-    from agent_distillation.agent import _usage
-    t0 = time.time()
-    win, cands = self_consistent_action(agent.lm, messages, agent.sandbox, agent.n, agent.sag_temperature, agent.sag_top_p,
-                                        agent.max_new_tokens, prefix)
-    secs, (_, ctoks) = time.time() - t0, _usage(agent.lm)
-    exec_s = max((c.result.duration for c in cands if c.result is not None), default=0.0)
-    c, summary = cands[win], [dict(code=x.code, outcome=x.outcome, group=x.group, won=x.won) for x in cands]
-    kw = dict(raw=c.text, gen_s=secs - exec_s, exec_s=exec_s, completion_tokens=ctoks, candidates=summary)
-    if c.parse_error: return Step(c.thought, c.code, c.parse_error, error=c.parse_error, parse_failed=True, **kw), None
-    r = c.result
-    return Step(c.thought, c.code, observation_text(r, agent.obs_max_chars), error=r.error, is_final=bool(r.is_final), **kw), r
+class SelfConsistentAction:
+    "The SAG action policy: `n` sampled actions per turn run in forks, the executions vote, the winner's state is kept."
+    def __init__(self, n: int = 8,               # candidates per step (paper: 8)
+                 temperature: float = 0.4,       # paper: 0.4
+                 top_p: float = 0.8,             # paper: 0.8
+                 seed: int | None = None):       # makes every step's sampling repeatable
+        if n < 1: raise ValueError(f"SelfConsistentAction needs n >= 1 candidates, got {n}")
+        self.n, self.temperature, self.top_p, self.seed = n, temperature, top_p, seed
+
+    def sampling(self) -> dict: return dict(n=self.n, temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+    def __repr__(self): return f'SelfConsistentAction(n={self.n}, temperature={self.temperature}, top_p={self.top_p})'
+
+    def choose(self, texts: list, sandbox, obs_max_chars: int = 2000) -> tuple:
+        "(Step, ExecResult or None) of the winning candidate among `texts`; the step lists every candidate."
+        win, cands = vote_on(texts, sandbox)
+        exec_s = max((c.result.duration for c in cands if c.result is not None), default=0.0)
+        c, summary = cands[win], [dict(code=x.code, outcome=x.outcome, group=x.group, won=x.won) for x in cands]
+        step = make_step(Action(c.thought, c.code, c.parse_error), c.text, c.result, obs_max_chars, exec_s=exec_s, candidates=summary)
+        return step, c.result
 
 # %% ../nbs/10_voting.ipynb #d3b3347e
 def _sweep_row(n: int, trajs: list, examples: list, secs: float) -> dict:
@@ -161,7 +174,7 @@ def sag_sweep(lm,                         # the student
     rows = []
     for n in [0] * greedy + list(ns):
         seed_everything(seed)
-        agent, t0 = CodeAgent(lm, sandbox, sag=n > 0, n=max(n, 1), **agent_kw), time.time()
+        agent, t0 = CodeAgent(lm, sandbox, policy=SelfConsistentAction(n) if n else None, **agent_kw), time.time()
         trajs = [agent.run(e.question, e.domain, id=e.id, gold=e.answer) for e in examples]
         rows.append(_sweep_row(n, trajs, examples, time.time() - t0))
     return pd.DataFrame(rows).set_index('N')

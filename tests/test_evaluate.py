@@ -1,6 +1,7 @@
 """Guards for evaluation: resume after a crash (and a torn last line), records keyed by method, summary arithmetic,
 and every method kind driven by a scripted model (CoT, CoT + RAG, agent ± FTP ± SAG with a real sandbox)."""
 import json, math
+import pandas as pd
 import pytest
 from agent_distillation.core import Example, read_jsonl
 from agent_distillation.evaluate import AgentMethod, CoTMethod, Method, evaluate, markdown_table, results_table, summarize
@@ -124,3 +125,80 @@ def test_agent_method_sandbox_per_thread_and_close():
     assert df.acc.tolist() == [1.0] * 6 and 1 <= len(made) <= 2
     m.close()
     assert m._sandboxes == []
+
+# ---- batched evaluation (rollouts): same records as one at a time, resumable after a kill
+def agent_reply(msgs, prefix, i):
+    "Retrieve, then answer right (companies 0-5); company 3 raises once first."
+    ex = next(e for e in FACTS if e.question in msgs[1]['content'])
+    turns = sum(m['role'] == 'assistant' for m in msgs)
+    if turns == 0: return format_action('Look.', f'print(retrieve("{ex.question}"))')
+    if turns == 1 and ex.id == 'f3': return format_action('Oops.', '1/0')
+    return format_action('Answer.', f'final_answer({ex.answer!r})')
+
+def _no_time(df):
+    return [{k: v for k, v in r.items() if k not in ('wall_s', 'trajectory')} | {'messages': r['trajectory']['messages']}
+            for r in df.to_dict('records')]
+
+def test_batched_agent_records_equal_one_at_a_time():
+    with Sandbox(tools={'retrieve': retrieve}) as s1, Sandbox(tools={'retrieve': retrieve}) as s2, Sandbox(tools={'retrieve': retrieve}) as s3:
+        pool = iter([s1, s2, s3])
+        one_lm, many_lm = ScriptedLM(agent_reply), ScriptedLM(agent_reply)
+        one = evaluate(AgentMethod(one_lm, lambda: s1, batch_size=1), FACTS, progress=False)
+        many = evaluate(AgentMethod(many_lm, lambda: next(pool), batch_size=3), FACTS, progress=False)
+    assert _no_time(one) == _no_time(many) and many.acc.tolist() == [1.0] * 6
+    assert one_lm.usage.calls == len(many_lm.requests) == 13 and many_lm.usage.calls < 13   # 13 turns; several per call
+
+def test_batched_agent_resume_after_kill(tmp_path):
+    out = tmp_path/'r.jsonl'
+    def killed_after(k):
+        return ScriptedLM(lambda m, p, i: agent_reply(m, p, i) if i < k else (_ for _ in ()).throw(KeyboardInterrupt('killed')))
+    sbs = [Sandbox(tools={'retrieve': retrieve}) for _ in range(2)]
+    try:
+        pool = iter(sbs)
+        m = AgentMethod(killed_after(7), lambda: next(pool), batch_size=2, name='agent')
+        with pytest.raises(KeyboardInterrupt): evaluate(m, FACTS, out=out, progress=False)
+        first = [r['id'] for r in read_jsonl(out)]
+        assert 0 < len(first) < 6
+        lm = ScriptedLM(agent_reply)
+        m.lm = lm
+        df = evaluate(m, FACTS, out=out, progress=False)
+    finally:
+        for sb in sbs: sb.close()
+    recs = read_jsonl(out)
+    assert sorted(r['id'] for r in recs) == [e.id for e in FACTS]                  # nothing lost, nothing twice
+    asked = {e.id for e in FACTS for r in lm.requests if e.question in r['messages'][1]['content']}
+    assert asked == {e.id for e in FACTS} - set(first)                             # finished ones were not asked again
+    assert list(df.id) == [e.id for e in FACTS] and df.acc.tolist() == [1.0] * 6
+
+def test_cot_batches_questions_and_keeps_records():
+    one, many = cot_lm(lambda id: id != 'f2'), cot_lm(lambda id: id != 'f2')
+    a = evaluate(CoTMethod(one, name='cot', batch_size=1), FACTS + MATHS, progress=False)
+    b = evaluate(CoTMethod(many, name='cot', batch_size=4), FACTS + MATHS, progress=False)
+    pd.testing.assert_frame_equal(a.drop(columns='wall_s'), b.drop(columns='wall_s'))   # NaN (em of math) equals NaN here
+    assert (one.usage.calls, many.usage.calls) == (9, 3)
+
+def test_tiny_model_batched_cached_rollouts_match_one_at_a_time():
+    "Under greedy decoding a fixed-weight tiny model gives the same trajectories batched with KV reuse as one at a time."
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from agent_distillation.agent import CodeAgent
+    from agent_distillation.models import TransformersLM
+    from agent_distillation.registry import load_tokenizer
+    from agent_distillation.rollouts import PrefixCacheLM, rollouts
+    tok = load_tokenizer('tiny-random')
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, initializer_range=0.3, tie_word_embeddings=False, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg).eval()
+    kw = dict(student=True, max_steps=2, max_new_tokens=12)
+    qs = [e.question for e in FACTS[:4]]
+    sbs = [Sandbox(tools={'retrieve': retrieve}) for _ in range(3)]
+    try:
+        one = [CodeAgent(TransformersLM(model, tok), sbs[0], **kw).run(q) for q in qs]
+        fast = PrefixCacheLM(model, tok)
+        many = {t.question: t for t in rollouts(fast, qs, sbs, **kw)}
+    finally:
+        for sb in sbs: sb.close()
+    assert [many[q].messages for q in qs] == [t.messages for t in one]
+    assert len({t.steps[0].raw for t in one}) > 1                                   # the text differs by question
+    assert 0 < fast.fed_tokens < fast.usage.prompt_tokens / 2                       # most prompt tokens came from the cache

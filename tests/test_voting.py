@@ -1,11 +1,11 @@
 """Guards for self-consistent action generation: forks leave the state alone, the vote's rules, and the winner's side
-effects applied exactly once through `self_consistent_action` and the agent (scripted model, real sandbox)."""
+effects applied exactly once through `self_consistent_action` and the agent's SAG policy (scripted model, real sandbox)."""
 import pytest
 from agent_distillation.agent import CodeAgent
 from agent_distillation.models import ScriptedLM
 from agent_distillation.prompts import format_action
 from agent_distillation.sandbox import ExecResult, Sandbox
-from agent_distillation.voting import self_consistent_action, vote
+from agent_distillation.voting import SelfConsistentAction, self_consistent_action, vote
 
 MSGS = [{'role': 'user', 'content': 'q'}]
 act = lambda code: format_action('Try.', code)
@@ -61,7 +61,19 @@ def test_all_failed_keeps_first_candidates_partial_state(sb):
 
 def test_agent_with_sag_increments_once_per_step(sb):
     script = [act('counter = globals().get("counter", 0) + 1\nprint(counter)')] * 4 + [act('final_answer(counter)')] * 4
-    agent = CodeAgent(ScriptedLM(script), sb, sag=True, n=4)
+    agent = CodeAgent(ScriptedLM(script), sb, policy=SelfConsistentAction(n=4))
     t = agent.run('count')
     assert t.final_answer == 1 and len(t.steps) == 2
     assert [len(s.candidates) for s in t.steps] == [4, 4]
+
+def test_sag_policy_in_batched_rollouts_runs_each_winner_once():
+    "The SAG policy in lockstep: every conversation's candidates vote in its own sandbox; side effects once per step."
+    from agent_distillation.rollouts import rollouts
+    script = lambda msgs, prefix, i: (act('counter = globals().get("counter", 0) + 1\nprint(counter)') if len(msgs) == 2
+                                      else act('final_answer(counter)'))
+    lm, sbs = ScriptedLM(script), [Sandbox(), Sandbox()]
+    try: trajs = list(rollouts(lm, ['a', 'b', 'c'], sbs, policy=SelfConsistentAction(n=4)))
+    finally:
+        for s in sbs: s.close()
+    assert [t.final_answer for t in trajs] == [1, 1, 1] and all(len(s.candidates) == 4 for t in trajs for s in t.steps)
+    assert {r['n'] for r in lm.requests} == {4} and lm.usage.calls < len(lm.requests)   # samples of several conversations per call
