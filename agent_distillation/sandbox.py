@@ -5,7 +5,7 @@
 # %% ../nbs/03_sandbox.ipynb #b974f808
 from __future__ import annotations
 import ast, builtins, ctypes, gc, io, json, linecache, os, platform, re, resource, select, selectors, shutil, signal
-import socket, struct, subprocess, sys, sysconfig, tempfile, threading, time, traceback, weakref
+import secrets, socket, struct, subprocess, sys, sysconfig, tempfile, threading, time, traceback, weakref
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +64,10 @@ def _send(sock, obj, fds=()):
         msg = msg[sent:]
     if msg: sock.sendall(msg)
 
+def _send_by(sock, obj, deadline: float, fds=()):
+    "`_send` that gives up (`TimeoutError`) at `deadline`: a peer that stops reading cannot block us."
+    sock.settimeout(max(0.1, deadline - time.monotonic())); _send(sock, obj, fds)
+
 def _decode(data: bytes, max_items: int | None = None) -> dict:
     "One message body as a dict; garbage, a non-object or too many items raises `SandboxDied`."
     if max_items is not None and sum(data.count(c) for c in b'[{,:') > max_items:
@@ -113,8 +117,7 @@ class _Reader:
 
     def read(self):
         "Take what has arrived (call when the socket is readable); complete messages go to `msgs`."
-        self.sock.settimeout(0)
-        try: chunk, anc, _, _ = self.sock.recvmsg(1 << 16, socket.CMSG_SPACE(12) + socket.CMSG_SPACE(64 * 4))
+        try: chunk, anc, _, _ = self.sock.recvmsg(1 << 16, socket.CMSG_SPACE(12) + socket.CMSG_SPACE(64 * 4), socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError): return
         creds = []; _ancillary(anc, None, creds)
         if self.pid is None and creds: self.pid = creds[0]
@@ -125,6 +128,10 @@ class _Reader:
             if n > _MAX_UNTRUSTED: raise SandboxDied(f'message of {n} bytes exceeds the limit of {_MAX_UNTRUSTED}')
             if len(self.buf) < 4 + n: break
             self.msgs.append(_decode(bytes(self.buf[4:4 + n]), _MAX_ITEMS)); del self.buf[:4 + n]
+
+    def pending(self) -> bool:
+        "Whether anything (bytes, a message, the end of the channel) has arrived and not been taken."
+        return bool(self.msgs or self.buf or select.select([self.sock], [], [], 0)[0])
 
     def next(self, deadline: float) -> dict:
         "The next message; `socket.timeout` if it is not complete at `deadline`."
@@ -181,19 +188,28 @@ def _guarded_import(allowed: set) -> Callable:
 class _FinalAnswer(BaseException):
     "Raised by `final_answer` to end the code at once (BaseException, so `except Exception` does not catch it)."
 
-_RERAISE = '__final_answer_reraise__'
+_RERAISE = '__final_answer_reraise__'  # the builtin name of the check below, called where code could swallow the answer
 
-def _reraise_final():
-    "Run first in every `except` block of model code: a `final_answer` passes even `except BaseException`."
-    e = sys.exc_info()[1]
-    if isinstance(e, _FinalAnswer) or (isinstance(e, BaseExceptionGroup) and e.subgroup(_FinalAnswer)): raise e
+def _no_answer():
+    "The check where there is no `final_answer` (a cell run outside the worker): never raises."
+
+def _check_call(node) -> ast.stmt:
+    return ast.copy_location(ast.Expr(ast.Call(ast.Name(_RERAISE, ast.Load()), [], [])), node)
 
 class _KeepFinal(ast.NodeTransformer):
-    "Insert a `_reraise_final()` call at the top of every `except` block."
+    "Insert the answered-yet check where an exception can be swallowed: atop every `except`, after every `with`, in every `finally`."
     def visit_ExceptHandler(self, node):
+        self.generic_visit(node); node.body.insert(0, _check_call(node)); return node
+
+    def visit_With(self, node):   # a context manager whose __exit__ returns True swallows the exception
+        self.generic_visit(node); return [node, _check_call(node)]
+    visit_AsyncWith = visit_With
+
+    def visit_Try(self, node):    # `finally: continue` (or return, break) swallows it too
         self.generic_visit(node)
-        node.body.insert(0, ast.copy_location(ast.Expr(ast.Call(ast.Name(_RERAISE, ast.Load()), [], [])), node))
+        if node.finalbody: node.finalbody = [ast.copy_location(ast.Try(node.finalbody, [], [], [_check_call(node)]), node)]
         return node
+    visit_TryStar = visit_Try
 
 # %% ../nbs/03_sandbox.ipynb #b7a1c003
 def _bound_names(node) -> list[str]:
@@ -212,18 +228,43 @@ def _check_names(tree, protected) -> None:
                 raise NameError(f"'{n}' is a sandbox tool and cannot be reassigned or deleted; "
                                 f"keep it callable and store values under another name (result = {n}(...))")
 
+def _transform(tree, protected=frozenset()):
+    "Model code's syntax tree, checked (no tool rebound) and rewritten (`final_answer` cannot be swallowed)."
+    _check_names(tree, protected)
+    return ast.fix_missing_locations(_KeepFinal().visit(tree))
+
 def _run_cell(code: str, ns: dict, fname: str, protected=frozenset()):
     "Execute `code` in `ns` like a notebook cell: statements, then print the repr of a last bare expression."
     linecache.cache[fname] = (len(code), None, code.splitlines(True), fname)
-    tree = ast.parse(code, fname, 'exec')
-    _check_names(tree, protected)
-    tree = ast.fix_missing_locations(_KeepFinal().visit(tree))
-    if isinstance(ns.get('__builtins__'), dict): ns['__builtins__'].setdefault(_RERAISE, _reraise_final)
+    tree = _transform(ast.parse(code, fname, 'exec'), protected)
+    if isinstance(ns.get('__builtins__'), dict): ns['__builtins__'].setdefault(_RERAISE, _no_answer)
     last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
     exec(compile(tree, fname, 'exec'), ns)
     if last is not None:
         value = eval(compile(ast.Expression(last.value), fname, 'eval'), ns)
         if value is not None: print(repr(value))
+
+# %% ../nbs/03_sandbox.ipynb #b7a1c014
+def _code_builtins(bdict: dict, protected) -> dict:
+    "`compile`, `exec` and `eval` for model code: source text gets the same check and rewriting as a step's code."
+    def compile(source, filename='<string>', mode='exec', flags=0, dont_inherit=False, optimize=-1, **kw):
+        if isinstance(source, (str, bytes, ast.AST)):
+            if not isinstance(source, ast.AST):
+                source = builtins.compile(source, filename, mode, flags | ast.PyCF_ONLY_AST, dont_inherit, optimize)
+            source = _transform(source, protected)
+            if flags & ast.PyCF_ONLY_AST: return source
+        return builtins.compile(source, filename, mode, flags, dont_inherit, optimize, **kw)
+    def runner(real, mode):
+        def run(source, globals=None, locals=None, /, **kw):
+            if isinstance(source, (str, bytes)) and mode == 'eval': source = source.lstrip(' \t' if isinstance(source, str) else b' \t')
+            if isinstance(source, (str, bytes, ast.AST)): source = compile(source, '<string>', mode)
+            if globals is None:  # the caller's namespace, as the builtins do
+                f = sys._getframe(1); globals, locals = f.f_globals, f.f_locals if locals is None else locals
+            elif isinstance(globals, dict): globals.setdefault('__builtins__', bdict)
+            return real(source, globals, locals, **kw)
+        run.__name__ = run.__qualname__ = real.__name__
+        return run
+    return {'compile': compile, 'exec': runner(builtins.exec, 'exec'), 'eval': runner(builtins.eval, 'eval')}
 
 # %% ../nbs/03_sandbox.ipynb #39336724
 def _clip(s: str | None, limit: int) -> str | None:
@@ -437,20 +478,37 @@ def _drop_root(uid: int) -> str:
 _SECCOMP_DENY = (59, 322, 101, 310, 311, 165, 166, 155, 161, 272, 308, 112, 109, 321, 298, 250, 248, 249, 175, 313,
                  176, 246, 320, 169, 167, 168, 135, 323, 425, 426, 427, 163, 164, 227, 305, 159, 103, 153, 179, 303,
                  304, 212, 172, 173, 442, 429, 428, 430, 431, 432, 433, 438, 312, 300, 134, 170, 171,
-                 62, 200, 234, 129, 297, 424, 434)  # signals: kill, tkill, tgkill, rt_(tg)sigqueueinfo, pidfd_send_signal/open
-_NR_CLONE, _NR_CLONE3, _NR_SOCKET, _AUDIT_ARCH_X86_64 = 56, 435, 41, 0xc000003e
+                 62, 200, 234, 129, 297, 424, 434,  # signals: kill, tkill, tgkill, rt_(tg)sigqueueinfo, pidfd_send_signal/open
+                 13, 37, 38, 222, 244, 58)          # code that runs later: rt_sigaction, alarm, setitimer, timer_create, mq_notify, vfork
+_NR_CLONE, _NR_CLONE3, _NR_SOCKET, _NR_FCNTL, _NR_IOCTL, _AUDIT_ARCH_X86_64 = 56, 435, 41, 72, 16, 0xc000003e
 _NS_FLAGS = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
+_CLONE_DENY = _NS_FLAGS | 0x100 | 0x8000 | 0x10000  # ... | CLONE_VM | CLONE_PARENT | CLONE_THREAD: no threads
+_F_SIGNALS = (8, 10, 15, 1024, 1026)   # fcntl F_SETOWN, F_SETSIG, F_SETOWN_EX, F_SETLEASE, F_NOTIFY: I/O that signals
+_IOCTL_SIGNALS = (0x5452, 0x8901, 0x8902)  # FIOASYNC, FIOSETOWN, SIOCSPGRP
+
+# %% ../nbs/03_sandbox.ipynb #b7a1c012
+_LD, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06
+_ALLOW, _EPERM, _ENOSYS, _KILL = 0x7fff0000, 0x50000 | 1, 0x50000 | 38, 0x80000000
+
+def _arg_rule(nr: int, arg: int, refuse=(), bits: int = 0, then: tuple | None = None) -> list[tuple]:
+    "Decide syscall `nr` by argument `arg`: refused if one of `refuse` or has one of `bits`; `then=(value, arg2, bits2)`: also when it is `value` and `arg2` has one of `bits2`."
+    body = [(_LD, 0, 0, 16 + 8 * arg)] + [(_JEQ, 'deny', None, v) for v in refuse] + ([(_JSET, 'deny', None, bits)] if bits else [])
+    if then: body += [(_JEQ, None, 'allow', then[0]), (_LD, 0, 0, 16 + 8 * then[1]), (_JSET, 'deny', 'allow', then[2])]
+    body += [(_RET, 0, 0, _ALLOW), (_RET, 0, 0, _EPERM)]
+    at = {'allow': len(body) - 2, 'deny': len(body) - 1}
+    jump = lambda i, t: at[t] - i - 1 if isinstance(t, str) else 0
+    return [(_JEQ, 0, len(body), nr)] + [(c, jump(i, jt), jump(i, jf), k) for i, (c, jt, jf, k) in enumerate(body)]
 
 def _bpf_program() -> list[tuple]:
     "The filter as (code, jt, jf, k) instructions."
-    LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06
-    ALLOW, EPERM, ENOSYS, KILL = 0x7fff0000, 0x50000 | 1, 0x50000 | 38, 0x80000000
-    p = [(LD, 0, 0, 4), (JEQ, 1, 0, _AUDIT_ARCH_X86_64), (RET, 0, 0, KILL), (LD, 0, 0, 0),
-         (JGE, 0, 1, 0x40000000), (RET, 0, 0, ENOSYS), (JEQ, 0, 1, _NR_CLONE3), (RET, 0, 0, ENOSYS)]
-    for nr in _SECCOMP_DENY: p += [(JEQ, 0, 1, nr), (RET, 0, 0, EPERM)]
-    p += [(JEQ, 0, 4, _NR_SOCKET), (LD, 0, 0, 16), (JEQ, 0, 1, 1), (RET, 0, 0, ALLOW), (RET, 0, 0, EPERM),  # AF_UNIX only
-          (JEQ, 0, 3, _NR_CLONE), (LD, 0, 0, 16), (JSET, 0, 1, _NS_FLAGS), (RET, 0, 0, EPERM), (RET, 0, 0, ALLOW)]
-    return p
+    p = [(_LD, 0, 0, 4), (_JEQ, 1, 0, _AUDIT_ARCH_X86_64), (_RET, 0, 0, _KILL), (_LD, 0, 0, 0),
+         (_JGE, 0, 1, 0x40000000), (_RET, 0, 0, _ENOSYS), (_JEQ, 0, 1, _NR_CLONE3), (_RET, 0, 0, _ENOSYS)]
+    for nr in _SECCOMP_DENY: p += [(_JEQ, 0, 1, nr), (_RET, 0, 0, _EPERM)]
+    p += _arg_rule(_NR_FCNTL, 1, _F_SIGNALS, then=(4, 2, os.O_ASYNC))  # F_SETFL with O_ASYNC
+    p += _arg_rule(_NR_IOCTL, 1, _IOCTL_SIGNALS)
+    p += _arg_rule(_NR_CLONE, 0, bits=_CLONE_DENY)
+    p += [(_JEQ, 0, 4, _NR_SOCKET), (_LD, 0, 0, 16), (_JEQ, 0, 1, 1), (_RET, 0, 0, _ALLOW), (_RET, 0, 0, _EPERM)]  # AF_UNIX only
+    return p + [(_RET, 0, 0, _ALLOW)]
 
 # %% ../nbs/03_sandbox.ipynb #5f5c655f
 class _SockFprog(ctypes.Structure):
@@ -465,7 +523,8 @@ def _seccomp() -> str:
     _prctl(_PR_SET_NO_NEW_PRIVS, 1)
     libc = _libc()
     _check(libc.prctl(_PR_SET_SECCOMP, ctypes.c_ulong(2), ctypes.byref(fprog), ctypes.c_ulong(0), ctypes.c_ulong(0)), 'seccomp')
-    return f'on: {len(_SECCOMP_DENY) + 3} syscalls refused (execve, ptrace, mount, unshare, non-Unix sockets, ...)'
+    return (f'on: {len(_SECCOMP_DENY) + 3} syscalls refused (execve, ptrace, mount, unshare, signals, timers, '
+            'signal handlers, threads, signal-driven I/O, non-Unix sockets, ...)')
 
 # %% ../nbs/03_sandbox.ipynb #1db31bb1
 _DENY_EVENTS = {'os.system', 'os.exec', 'os.spawn', 'os.posix_spawn', 'os.fork', 'os.forkpty', 'subprocess.Popen',
@@ -532,39 +591,46 @@ def _bounded(v, limit: int = _MAX_ANSWER):
     s = json.dumps(v)
     return v if len(s) <= limit else _clip(s, limit)
 
+def _answer_box() -> tuple[list, Callable, Callable]:
+    "For one run: the list that keeps the first answer, the `final_answer` that fills it, and the check that ends the code once it is filled."
+    box = []
+    def final_answer(answer):
+        "Provide the final answer to the task and stop."
+        if not box: box.append(_bounded(_plain(answer)))
+        raise _FinalAnswer()
+    def check():
+        if box: raise _FinalAnswer()
+    return box, final_answer, check
+
 class _Worker:
     "The sandboxed side: a namespace, a channel to the parent, and a guard."
     def __init__(self, sock, cfg: dict, guard: _Guard):
-        self.sock, self.cfg, self.guard, self.n, self.final, self.pid = sock, cfg, guard, 0, None, os.getpid()
-        self.home = os.getcwd()
+        self.sock, self.cfg, self.guard, self.n, self.pid, self.home = sock, cfg, guard, 0, os.getpid(), os.getcwd()
+        self.protected, self.bdict = frozenset([*cfg['tools'], 'final_answer', _RERAISE]), {}
         bi = {k: v for k, v in vars(builtins).items()
               if k not in ('help', 'exit', 'quit', 'breakpoint', 'copyright', 'credits', 'license', 'input')}
         bi['__import__'] = _guarded_import(set(cfg['imports']))
-        for name, doc in cfg['tools'].items(): bi[name] = self._tool(name, doc)
-        bi['final_answer'], bi[_RERAISE] = self._final_answer, _reraise_final
-        self.bdict, self.pristine, self.protected = bi, dict(bi), frozenset([*cfg['tools'], 'final_answer', _RERAISE])
-        self.ns = {'__builtins__': bi, '__name__': '__main__'}
+        self.pristine = {**bi, **_code_builtins(self.bdict, self.protected)}
+        self.ns = {'__builtins__': self.bdict, '__name__': '__main__'}
 
-    def _final_answer(self, answer):
-        "Provide the final answer to the task and stop."
-        if self.final is None: self.final = (_bounded(_plain(answer)),)
-        raise _FinalAnswer()
-
-    def _restore(self):
-        "Builtins as they were at the start, and no global that shadows a tool, whatever earlier steps did."
-        self.bdict.clear(); self.bdict.update(self.pristine)
+    def _restore(self) -> list:
+        "Builtins as at the start with new tool stubs and `final_answer`, and no global that shadows a tool; the run's answer box."
+        box, answer, check = _answer_box()
+        self.bdict.clear(); self.bdict.update(self.pristine)  # the same dict: functions defined earlier keep seeing it
+        self.bdict.update({n: _tool_stub(self.sock, n, doc) for n, doc in self.cfg['tools'].items()})
+        self.bdict['final_answer'], self.bdict[_RERAISE] = answer, check
         self.ns['__builtins__'] = self.bdict
         for n in self.protected: self.ns.pop(n, None)
+        return box
 
 # %% ../nbs/03_sandbox.ipynb #877c1dfd
-@patch
-def _tool(self: _Worker, name: str, doc: str):
-    "A stub that forwards a call of tool `name` to the parent and returns its plain-data result."
+def _tool_stub(sock, name: str, doc: str):
+    "A stub that forwards a call of tool `name` over `sock` to the parent and returns its plain-data result."
     def tool(*args, **kwargs):
         msg = {'type': 'tool', 'name': name, 'args': _plain(list(args)), 'kwargs': _plain(kwargs)}
         if len(json.dumps(msg)) > _MAX_ARGS: raise ValueError(f'the arguments of {name} are over {_MAX_ARGS:,} characters')
-        _send(self.sock, msg)
-        reply = _recv(self.sock)
+        _send(sock, msg)
+        reply = _recv(sock)
         if reply.get('error') is not None: raise RuntimeError(f'tool {name} failed: {reply["error"]}')
         return reply.get('value')
     tool.__name__, tool.__qualname__, tool.__doc__ = name, name, doc
@@ -572,10 +638,10 @@ def _tool(self: _Worker, name: str, doc: str):
 
 # %% ../nbs/03_sandbox.ipynb #2fa236d0
 @patch
-def run(self: _Worker, code: str, cpu_s: float) -> dict:
-    "Run one cell with the guard on; return the result message."
-    self.n += 1; self.final = None
-    self._restore()
+def run(self: _Worker, code: str, cpu_s: float, nonce=None) -> dict:
+    "Run one cell with the guard on; return the result message (echoing the request's `nonce`)."
+    self.n += 1
+    box = self._restore()
     out, saved = _CappedOutput(self.cfg['max_output']), (sys.stdout, sys.stderr)
     err = None
     _arm_cpu_limit(cpu_s)
@@ -589,22 +655,22 @@ def run(self: _Worker, code: str, cpu_s: float) -> dict:
     except BaseException as e: err = _format_error(e)
     finally: sys.stdout, sys.stderr = saved
     if os.getpid() != self.pid: os._exit(0)  # a process the code forked itself: it must not answer on our socket
-    if self.final is not None: err = None    # final_answer ended the step, whatever was raised after it
-    return {'type': 'result', 'output': out.getvalue(), 'error': _clip(err, _MAX_ERROR), 'is_final': self.final is not None,
-            'final_answer': self.final[0] if self.final else None}
+    if box: err = None    # final_answer ended the step, whatever was raised after it
+    return {'type': 'result', 'nonce': nonce, 'output': out.getvalue(), 'error': _clip(err, _MAX_ERROR), 'is_final': bool(box),
+            'final_answer': box[0] if box else None}
 
 # %% ../nbs/03_sandbox.ipynb #0a18b2e9
 @patch
-def fork(self: _Worker, fds: list[int], codes: list[str], cpu_s: float, tag: int):
+def fork(self: _Worker, fds: list[int], codes: list[str], cpu_s: float, tag: int, nonce=None):
     "Fork one child per socket in `fds`; child i runs `codes[i]` in its own scratch copy, answers, then serves there."
-    n, err = 0, None
-    for i, fd in enumerate(fds[:len(codes)]):
+    n, err = 0, self._cannot_fork(len(codes), len(fds))
+    for i, fd in enumerate(fds[:len(codes)] if err is None else []):
         try: pid = os.fork()
-        except OSError as e: err = f'fork failed: {e}'; break
+        except OSError as e: err = f'fork failed: {e.strerror}'; break
         if pid == 0: return self._candidate(fd, fds, str(codes[i]), cpu_s, f'.fork-{tag}-{i}')
         n += 1
     for fd in fds: os.close(fd)
-    _send(self.sock, {'type': 'forked', 'n': n, 'error': err})
+    _send(self.sock, {'type': 'forked', 'n': n, 'error': err, 'nonce': nonce})
 
 @patch
 def _candidate(self: _Worker, fd: int, fds: list[int], code: str, cpu_s: float, name: str):
@@ -618,15 +684,44 @@ def _candidate(self: _Worker, fd: int, fds: list[int], code: str, cpu_s: float, 
     _send(self.sock, self.run(code, cpu_s) if err is None else
           {'type': 'result', 'output': '', 'error': err, 'is_final': False, 'final_answer': None})
 
+# %% ../nbs/03_sandbox.ipynb #b7a1c015
+def _usage(path: str) -> tuple[int, int]:
+    "Bytes and entries under `path`, leaving out candidates' copies (`.fork-*`)."
+    size = n = 0
+    for d, dirs, files in os.walk(path):
+        dirs[:] = [x for x in dirs if not x.startswith('.fork-')]
+        for f in files + dirs:
+            try: size += os.lstat(os.path.join(d, f)).st_blocks * 512; n += 1
+            except OSError: pass
+    return size, n
+
+@patch
+def _cannot_fork(self: _Worker, n: int, nfds: int) -> str | None:
+    "Why `n` candidates cannot start here (no file descriptors left, no room for `n` copies of scratch), or None."
+    if nfds < n: return f'the worker has no free file descriptors for {n} candidates (the code keeps too many files open)'
+    used, files = _usage(self.home)
+    st = os.statvfs(self.home); free = st.f_bavail * st.f_frsize
+    if used * n <= free and files * n <= st.f_favail: return None
+    return (f'{n} copies of the scratch files ({used / 2**20:.1f} MB, {files} files) do not fit in the {free / 2**20:.1f} MB '
+            f"left of the scratch disk (disk_mb={self.cfg['disk_mb']}); delete files, run fewer candidates, or use a larger disk_mb")
+
 # %% ../nbs/03_sandbox.ipynb #b7a1c004
 def _remove(path: str, keep: str | None = None, prefix: str = ''):
     "Delete the entries of directory `path` whose names start with `prefix`, except `keep` (never following symlinks)."
-    for e in os.scandir(path):
+    try: entries = list(os.scandir(path))
+    except OSError: return  # e.g. no file descriptor left: the next tidy catches up
+    for e in entries:
         if e.name == keep or not e.name.startswith(prefix): continue
         if e.is_dir(follow_symlinks=False): shutil.rmtree(e.path, ignore_errors=True)
         else:
             try: os.unlink(e.path)
             except OSError: pass
+
+def _why(e: BaseException) -> str:
+    "The reason an OSError or shutil.Error gives, without the paths."
+    if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list):
+        return '; '.join(sorted({re.sub(r":? '[^']*'", '', str(w[-1])) for w in e.args[0]}))[:200]
+    return getattr(e, 'strerror', None) or type(e).__name__
 
 @patch
 def _isolate(self: _Worker, name: str) -> str | None:
@@ -634,12 +729,14 @@ def _isolate(self: _Worker, name: str) -> str | None:
     d = os.path.join(self.home, name)
     try: shutil.copytree(self.home, d, symlinks=True, ignore=shutil.ignore_patterns('.fork-*'))
     except (OSError, shutil.Error) as e:
-        return f'SandboxError: could not copy the scratch files for this candidate ({str(e)[:200]})'
+        return f'SandboxError: could not copy the scratch files for this candidate ({_why(e)})'
     os.chdir(d); self.home = d
     self.guard.read, self.guard.write = [*self.cfg['read'], d, '/dev/null'], [d, '/dev/null']
     if self.cfg.get('landlock_on'):
         try: _landlock(self.cfg['read'], [d, '/dev/null'])
-        except OSError: pass  # the kernel allows 16 stacked layers: past that, the worker's layer still applies
+        except OSError as e:  # e.g. the kernel's limit of 16 stacked layers: never run a candidate unisolated
+            return (f'SandboxError: this candidate could not be isolated from its siblings (Landlock: {e.strerror}); '
+                    'Landlock nests at most 16 layers and each adopted candidate adds one: reset() the sandbox')
     return None
 
 @patch
@@ -653,11 +750,12 @@ def serve(self: _Worker):
     while True:
         try: msg = _recv(self.sock, fds := [])
         except (SandboxDied, OSError): os._exit(0)
-        op = msg.get('op')
+        op, nonce = msg.get('op'), msg.get('nonce')
         if op in ('run', 'fork'): self.tidy()
-        if op == 'run': _send(self.sock, self.run(str(msg.get('code', '')), float(msg.get('cpu_s', 10))))
-        elif op == 'fork': self.fork(fds, list(msg.get('codes', [])), float(msg.get('cpu_s', 10)), int(msg.get('tag', 0)))
-        elif op == 'tidy': self.tidy(msg.get('keep'), bool(msg.get('everything'))); _send(self.sock, {'type': 'tidied'})
+        if op == 'run': _send(self.sock, self.run(str(msg.get('code', '')), float(msg.get('cpu_s', 10)), nonce))
+        elif op == 'fork': self.fork(fds, list(msg.get('codes', [])), float(msg.get('cpu_s', 10)), int(msg.get('tag', 0)), nonce)
+        elif op == 'tidy':
+            self.tidy(msg.get('keep'), bool(msg.get('everything'))); _send(self.sock, {'type': 'tidied', 'nonce': nonce})
         elif op == 'exit': os._exit(0)
 
 # %% ../nbs/03_sandbox.ipynb #3a6eaffb
@@ -673,14 +771,20 @@ def _lockdown(cfg: dict) -> tuple[dict, _Guard]:
     prot['landlock'] = _try(_landlock, read, write) if 'landlock' in layers else 'off: disabled'
     cfg['landlock_on'] = prot['landlock'].startswith('on')
     prot['drop_root'] = _try(_drop_root, cfg['uid']) if 'drop_root' in layers else 'off: disabled'
-    prot['seccomp'] = _try(_seccomp) if 'seccomp' in layers else 'off: disabled'
     for s in (signal.SIGXFSZ, signal.SIGCHLD, signal.SIGPIPE): signal.signal(s, signal.SIG_IGN)
+    _die_with(cfg['zygote'])  # after dropping root (a uid change clears it), before seccomp
+    prot['seccomp'] = _try(_seccomp) if 'seccomp' in layers else 'off: disabled'
     guard = _Guard(read, write)
     if 'audit_hook' in layers:
         sys.addaudithook(guard); prot['audit_hook'] = 'on: readable refusals of process, signal, network, ctypes, path use (a convenience, not a boundary)'
     else: prot['audit_hook'] = 'off: disabled'
     if cfg.get('wipe'): _remove(scratch)
     return prot, guard
+
+def _die_with(parent: int):
+    "Be killed when process `parent` ends; exit now if it already has."
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent: os._exit(1)
 
 def _try(f, *args) -> str:
     "Run a protection step; report 'off: reason' if the system refuses it."
@@ -697,7 +801,6 @@ def _worker_main(fd: int, cfg: dict):
         for i in (0, 1, 2): os.dup2(null, i)
         os.closerange(3, fd); os.closerange(fd + 1, 1 << 16)
         sock = socket.socket(fileno=fd)
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         prot, guard = _lockdown(cfg)
         w = _Worker(sock, cfg, guard)
         _send(sock, {'type': 'hello', 'pid': os.getpid(), 'protections': prot})
@@ -721,13 +824,18 @@ def _preload(modules):
     gc.collect(); gc.freeze()  # keep the collector off these pages, so forks do not copy them
 
 # %% ../nbs/03_sandbox.ipynb #6a6fcc99
+def _signame(n: int) -> str:
+    "`SIGKILL` for 9; `signal 40` for numbers without a name (real-time signals)."
+    try: return signal.Signals(n).name
+    except ValueError: return f'signal {n}'
+
 def _reap(statuses: dict):
     "Collect exited children, remembering how each one ended."
     while True:
         try: pid, st = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError: return
         if pid == 0: return
-        statuses[pid] = (f'killed by {signal.Signals(os.WTERMSIG(st)).name}' if os.WIFSIGNALED(st)
+        statuses[pid] = (f'killed by {_signame(os.WTERMSIG(st))}' if os.WIFSIGNALED(st)
                          else f'exited with status {os.WEXITSTATUS(st)}')
         if len(statuses) > 256: statuses.pop(next(iter(statuses)))
 
@@ -739,13 +847,23 @@ def _exit_status(statuses: dict, pid: int, wait: float = 0.5) -> str:
     return statuses.get(pid, 'unknown')
 
 # %% ../nbs/03_sandbox.ipynb #fe1d7ed9
+def _zygote_serve(ctl, cfg: dict, msg: dict, fds: list, statuses: dict, groups: set):
+    "Answer one request of the parent."
+    if msg.get('op') == 'spawn':
+        pid = os.fork()
+        if pid == 0:
+            ctl.close(); _worker_main(fds[0], {**cfg, 'wipe': msg.get('wipe', False)})
+        groups.add(pid)
+        _send(ctl, {'type': 'spawned', 'pid': pid})
+    elif msg.get('op') == 'status': _send(ctl, {'type': 'status', 'status': _exit_status(statuses, msg['pid'])})
+
 def _zygote_main():
     "Entry point of the zygote process (run by `Sandbox` with `python -I -c`)."
     cfg = json.loads(sys.argv[1])
     ctl = socket.socket(fileno=cfg['ctl_fd'])
     try:
         _preload(cfg['imports'])
-        cfg['vm_base_kb'] = _vm_size_kb()
+        cfg['vm_base_kb'], cfg['zygote'] = _vm_size_kb(), os.getpid()
         prot = _isolate_zygote(cfg)
         _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     except BaseException as e:
@@ -753,20 +871,24 @@ def _zygote_main():
     _send(ctl, {'type': 'ready', 'pid': os.getpid(), 'protections': prot})
     statuses, groups = {}, set()
     while True:
-        _reap(statuses)
-        if not select.select([ctl], [], [], 0.1)[0]: continue
-        try: msg = _recv(ctl, fds := [])
+        try:
+            _reap(statuses)
+            if not select.select([ctl], [], [], 0.1)[0]: continue
+            msg = _recv(ctl, fds := [])
         except (SandboxDied, OSError): break
-        if msg['op'] == 'spawn':
-            pid = os.fork()
-            if pid == 0:
-                ctl.close(); _worker_main(fds[0], {**cfg, 'wipe': msg.get('wipe', False)})
+        except Exception: traceback.print_exc(); continue   # to zygote.log; the zygote itself must not end
+        try:
+            if msg.get('op') == 'exit': break
+            _zygote_serve(ctl, cfg, msg, fds, statuses, groups)
+        except Exception: traceback.print_exc()
+        finally:
             for fd in fds: os.close(fd)
-            groups.add(pid)
-            _send(ctl, {'type': 'spawned', 'pid': pid})
-        elif msg['op'] == 'status': _send(ctl, {'type': 'status', 'status': _exit_status(statuses, msg['pid'])})
-        elif msg['op'] == 'exit': break
-    for g in groups - statuses.keys():  # only groups whose leader is unreaped: their id cannot have been reused
+    _zygote_exit(groups, statuses)
+
+# %% ../nbs/03_sandbox.ipynb #b7a1c013
+def _zygote_exit(groups: set, statuses: dict):
+    "Kill every worker's process group whose leader is unreaped (so its id cannot have been reused), reap, exit."
+    for g in groups - statuses.keys():
         try: os.killpg(g, signal.SIGKILL)
         except OSError: pass
     end = time.monotonic() + 2
@@ -806,21 +928,21 @@ class _Cgroup:
         self.dirs = []
 
 # %% ../nbs/03_sandbox.ipynb #b7a1c005
-def _ppids() -> dict[int, int]:
-    "pid -> parent pid of every live process (zombies left out), from /proc."
-    out = {}
-    for name in os.listdir('/proc'):
-        if not name.isdigit(): continue
-        try:
-            with open(f'/proc/{name}/stat', 'rb') as f: st = f.read().rsplit(b')', 1)[1].split()
-        except (OSError, IndexError): continue
-        if st[0] not in (b'Z', b'X'): out[int(name)] = int(st[1])
-    return out
+def _proc_stat(pid) -> tuple[int, int] | None:
+    "(parent pid, session id) of live process `pid` (None if it is gone or a zombie), from /proc."
+    try:
+        with open(f'/proc/{pid}/stat', 'rb') as f: st = f.read().rsplit(b')', 1)[1].split()
+    except (OSError, IndexError): return None
+    return None if st[0] in (b'Z', b'X') else (int(st[1]), int(st[3]))
 
-def _descendants(root: int) -> set[int]:
+def _proc_stats() -> dict[int, tuple[int, int]]:
+    "pid -> (parent pid, session id) of every live process."
+    return {int(n): s for n in os.listdir('/proc') if n.isdigit() and (s := _proc_stat(n)) is not None}
+
+def _descendants(root: int, stats: dict | None = None) -> set[int]:
     "The pids of every live descendant of process `root`."
     kids, found, todo = {}, set(), [root]
-    for pid, ppid in _ppids().items(): kids.setdefault(ppid, []).append(pid)
+    for pid, (ppid, _) in (stats or _proc_stats()).items(): kids.setdefault(ppid, []).append(pid)
     while todo:
         for c in kids.get(todo.pop(), ()):
             if c not in found: found.add(c); todo.append(c)
@@ -834,14 +956,17 @@ def _pidfd(pid: int) -> int | None:
 # %% ../nbs/03_sandbox.ipynb #6965d213
 class _Procs:
     "The processes and files a Sandbox must clean up (kept apart from it for the finalizer)."
-    def __init__(self, base: Path): self.base, self.zygote, self.ctl, self.cgroup = base, None, None, None
+    def __init__(self, base: Path): self.base, self.zygote, self.ctl, self.cgroup, self.sids = base, None, None, None, set()
 
     def members(self) -> set[int]:
-        "Pids of this sandbox's live processes except the zygote: the cgroup's list, else the zygote's descendants."
+        "Pids of this sandbox's live processes except the zygote: the cgroup's list, else the members of its sessions."
         if self.cgroup is not None and self.cgroup.dirs:
             try: return self.cgroup.procs()
             except (OSError, ValueError): pass
-        return _descendants(self.zygote.pid) if self.zygote is not None else set()
+        stats, zygote = _proc_stats(), self.zygote.pid if self.zygote is not None else None
+        self.sids &= stats.keys() | {sid for _, sid in stats.values()}  # a session is forgotten once nothing holds its id
+        found = {p for p, (_, sid) in stats.items() if sid in self.sids}
+        return (found | (_descendants(zygote, stats) if zygote else set())) - {zygote}
 
     def kill(self, pids) -> int:
         "SIGKILL those of `pids` that belong to this sandbox (pinned first, then checked); how many were signalled."
@@ -919,7 +1044,7 @@ class Sandbox:
             self._procs.cgroup = _Cgroup(base.name, tree_memory_mb or max(4 * memory_mb, 2048), max_procs)
         self._finalizer = weakref.finalize(self, self._procs.close)
         self._lock, self._sock, self._reader, self._pid, self._kept, self._nspawn, self._nfork = threading.RLock(), None, None, None, {}, 0, 0
-        self._zprot, self._wprot = None, {}
+        self._zprot, self._wprot, self._wipe = None, {}, False
         self._start_zygote()
 
     def __enter__(self): return self
@@ -939,13 +1064,13 @@ def _start_zygote(self: Sandbox):
     pkg_parent = str(Path(__file__).resolve().parents[1]) if '__file__' in globals() else ''
     boot = ('import sys; sys.path.append(sys.argv[2]); '
             'from agent_distillation.sandbox import _zygote_main; _zygote_main()')
-    self._log = open(self._procs.base/'zygote.log', 'wb')
+    self._log = open(self._procs.base/'zygote.log', 'ab')
     self._procs.zygote = subprocess.Popen([sys.executable, '-I', '-B', '-c', boot, json.dumps(cfg), pkg_parent],
                                           env=_clean_env(str(self.scratch)), pass_fds=[theirs.fileno()], cwd='/',
                                           stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
                                           start_new_session=True)
     theirs.close(); self._log.close()
-    self._procs.ctl = ours
+    self._procs.ctl = ours; self._procs.sids.add(self._procs.zygote.pid)
 
 @patch
 def _zygote_ready(self: Sandbox, timeout: float = 120):
@@ -969,11 +1094,12 @@ def _zygote_call(self: Sandbox, msg: dict, fds=(), timeout: float = 30) -> dict:
     return _recv(self._procs.ctl)
 
 @patch
-def _spawn(self: Sandbox, wipe: bool = False):
-    "Start a fresh worker (empty namespace)."
+def _spawn_worker(self: Sandbox, wipe: bool):
+    "Ask the zygote for a fresh worker (empty namespace) and wait for its hello."
     ours, theirs = socket.socketpair()
     try: pid = self._zygote_call({'op': 'spawn', 'wipe': wipe}, [theirs.fileno()])['pid']
     finally: theirs.close()
+    self._procs.sids.add(pid)  # the worker starts its own session, which everything it forks stays in
     reader = _Reader(ours)
     try: hello = reader.next(time.monotonic() + 30)
     except (SandboxDied, OSError) as e: hello = {'error': str(e)}
@@ -984,6 +1110,36 @@ def _spawn(self: Sandbox, wipe: bool = False):
     if self._procs.cgroup is not None and self._procs.cgroup.dirs: self._procs.cgroup.add(pid)  # before it runs any code
     prot = hello.get('protections')
     self._wprot = {str(k): _clip(str(v), 300) for k, v in prot.items()} if isinstance(prot, dict) else {}
+
+# %% ../nbs/03_sandbox.ipynb #b7a1c016
+class _StartFailed(RuntimeError):
+    "No worker could be started, not even by a new zygote."
+
+@patch
+def _restart_zygote(self: Sandbox):
+    "Replace a zygote that died or does not answer, after killing every process of the sandbox."
+    p = self._procs
+    if p.ctl is not None: p.ctl.close(); p.ctl = None
+    if p.zygote.poll() is None: p.zygote.kill()
+    p.zygote.wait(); p.sweep()
+    self._zprot = None; self._start_zygote()
+
+@patch
+def _spawn(self: Sandbox, wipe: bool = False):
+    "Start a fresh worker; if the zygote is gone or cannot make one, start a new zygote and try once more."
+    for attempt in range(2):
+        try:
+            if attempt or self._procs.zygote.poll() is not None: self._restart_zygote()
+            self._spawn_worker(wipe or self._wipe); self._wipe = False; return
+        except (SandboxDied, OSError, RuntimeError) as e: why = e
+    raise _StartFailed(f'no sandbox worker could be started ({_describe(why)})')
+
+@patch
+def _respawn(self: Sandbox) -> str:
+    "Start a worker after the last one was lost; the sentence that tells the caller what happened."
+    try: self._spawn(); return _RESTARTED
+    except _StartFailed as e: return f' {e}; the next run tries again.'
+
 
 # %% ../nbs/03_sandbox.ipynb #d41c5013
 @patch
@@ -1002,9 +1158,10 @@ def _kill_worker(self: Sandbox) -> str | None:
 
 @patch
 def _ensure_worker(self: Sandbox) -> bool:
-    "Make sure a worker is running; True if one had to be (re)started after a previous one was lost."
-    if self._sock is not None: return False
+    "Make sure a worker is running and silent; True if one had to be (re)started after a previous one was lost."
     if not self._finalizer.alive: raise RuntimeError('this Sandbox is closed')
+    if self._sock is not None and self._procs.zygote.poll() is None and not self._reader.pending(): return False
+    if self._sock is not None: self._kill_worker()  # it spoke between requests (tampering, or its end), or its zygote died
     self._spawn()
     return self._nspawn > 1
 
@@ -1037,16 +1194,18 @@ def _call_tool(self: Sandbox, msg: dict) -> dict:
     except Exception as e: return {'op': 'tool_result', 'error': _describe(e)}
 
 @patch
-def _serve(self: Sandbox, deadline: float, hard: float) -> dict:
-    "Wait for the worker's result, answering tool calls (which move `deadline`, never past `hard`)."
+def _serve(self: Sandbox, deadline: float, hard: float, nonce: str) -> dict:
+    "Wait for the worker's result to request `nonce`, answering tool calls (which move `deadline`, never past `hard`)."
     while True:
         try: msg = self._reader.next(deadline)
         except socket.timeout: raise _Timeout() from None
-        if msg.get('type') == 'result': return msg
+        if msg.get('type') == 'result':
+            if msg.get('nonce') != nonce: raise SandboxDied('a result that answers no request of ours (forged)')
+            return msg
         if msg.get('type') != 'tool': raise SandboxDied(f"unexpected message {_clip(repr(msg.get('type')), 50)}")
         t0 = time.monotonic(); reply = self._call_tool(msg)
         deadline = min(deadline + time.monotonic() - t0, hard)
-        self._sock.settimeout(max(0.1, deadline - time.monotonic())); _send(self._sock, reply)
+        _send_by(self._sock, reply, deadline)
 
 # %% ../nbs/03_sandbox.ipynb #4d1e6c7f
 _SURROGATES = re.compile('[\ud800-\udfff]')
@@ -1079,9 +1238,9 @@ def _hard_limit(self: Sandbox, t0: float, timeout: float) -> float:
 @patch
 def _restart(self: Sandbox, r: ExecResult, t0: float) -> ExecResult:
     "Replace the worker after a failed run; `r` is the error result to return."
-    status = self._kill_worker(); self._spawn()
+    status = self._kill_worker()
     if not r.timed_out: r.error = _died_error(r.error + (f'; worker {status}' if status and status != 'unknown' else ''))
-    r.error += _RESTARTED; r.restarted, r.duration = True, time.monotonic() - t0
+    r.error += self._respawn(); r.restarted, r.duration = True, time.monotonic() - t0
     return r
 
 @patch
@@ -1091,14 +1250,13 @@ def run(self: Sandbox, code: str,       # Python source written by the model
     "Execute `code` in the persistent worker and return what it printed, raised or answered."
     with self._lock:
         t0, timeout = time.monotonic(), timeout or self.timeout
-        restarted = self._ensure_worker(); self._discard_kept()
-        t1 = time.monotonic()  # the deadline starts when the code is sent: starting a worker is not the code's time
+        try: restarted = self._ensure_worker()
+        except _StartFailed as e: return ExecResult(error=f'SandboxError: {e}', restarted=True, duration=time.monotonic() - t0)
+        self._discard_kept()
+        t1, nonce = time.monotonic(), secrets.token_hex(8)  # the deadline starts when the code is sent
         try:
-            try: _send(self._sock, {'op': 'run', 'code': code, 'cpu_s': timeout + 1})
-            except OSError:  # the worker died between runs: start over and say so
-                self._kill_worker(); self._spawn(); restarted = True
-                _send(self._sock, {'op': 'run', 'code': code, 'cpu_s': timeout + 1})
-            r = _result(self._serve(t1 + timeout, self._hard_limit(t1, timeout)), self.max_output, restarted=restarted)
+            _send_by(self._sock, {'op': 'run', 'code': code, 'cpu_s': timeout + 1, 'nonce': nonce}, t1 + timeout)
+            r = _result(self._serve(t1 + timeout, self._hard_limit(t1, timeout), nonce), self.max_output, restarted=restarted)
         except _Timeout: return self._restart(ExecResult(error=_timeout_error(timeout), timed_out=True), t0)
         except Exception as e: return self._restart(ExecResult(error=_describe(e)), t0)
         except BaseException: self._kill_worker(); raise
@@ -1113,6 +1271,7 @@ class _Candidate:
     sock: Any
     reader: Any
     dir: str
+    checked: bool = False  # the first message came from a child of the worker
 
     @property
     def pid(self): return self.reader.pid
@@ -1131,12 +1290,15 @@ def _fork(self: Sandbox, codes: list[str], cpu_s: float, deadline: float) -> tup
     pairs, self._nfork = [socket.socketpair() for _ in codes], self._nfork + 1
     try:
         cands = [_Candidate(a, _Reader(a), f'.fork-{self._nfork}-{i}') for i, (a, _) in enumerate(pairs)]
-        _send(self._sock, {'op': 'fork', 'codes': list(codes), 'cpu_s': cpu_s, 'tag': self._nfork}, [b.fileno() for _, b in pairs])
+        nonce = secrets.token_hex(8)
+        _send_by(self._sock, {'op': 'fork', 'codes': list(codes), 'cpu_s': cpu_s, 'tag': self._nfork, 'nonce': nonce},
+                 deadline, [b.fileno() for _, b in pairs])
         reply = self._reader.next(deadline)
     finally:
         for _, b in pairs: b.close()
     n, err = reply.get('n'), reply.get('error')
-    if reply.get('type') != 'forked' or type(n) is not int or not 0 <= n <= len(codes): raise SandboxDied('malformed fork reply')
+    if reply.get('type') != 'forked' or reply.get('nonce') != nonce or type(n) is not int or not 0 <= n <= len(codes):
+        raise SandboxDied('malformed fork reply')
     for c in cands[n:]: c.sock.close()
     return cands[:n], (_clip(_clean(err), 300) if isinstance(err, str) else None)
 
@@ -1144,6 +1306,10 @@ def _fork(self: Sandbox, codes: list[str], cpu_s: float, deadline: float) -> tup
 @patch
 def _candidate_message(self: Sandbox, c: _Candidate, msg: dict, deadline: float, memo: dict | None) -> ExecResult | float:
     "Handle one message of candidate `c`: its result, or a tool call (answered; returns the time it took)."
+    if not c.checked:  # the kernel names the sender: it must be a child of the worker, not the worker or a stranger
+        if c.pid is None or c.pid == self._pid or (_proc_stat(c.pid) or (0,))[0] != self._pid:
+            raise SandboxDied('a message from a process that is not this candidate')
+        c.checked = True
     kind = msg.get('type')
     if kind == 'result': return _result(msg, self.max_output)
     if kind == 'started': return 0.0
@@ -1151,7 +1317,7 @@ def _candidate_message(self: Sandbox, c: _Candidate, msg: dict, deadline: float,
     t, key = time.monotonic(), json.dumps([msg.get('name'), msg.get('args'), msg.get('kwargs')], sort_keys=True)
     reply = memo[key] if memo is not None and key in memo else self._call_tool(msg)
     if memo is not None: memo[key] = reply
-    c.sock.settimeout(max(0.1, deadline - time.monotonic())); _send(c.sock, reply)
+    _send_by(c.sock, reply, deadline)
     return time.monotonic() - t
 
 @patch
@@ -1164,7 +1330,7 @@ def _collect(self: Sandbox, cands: list, timeout: float, deadline: float, hard: 
     while sel.get_map():
         now = time.monotonic()
         for i in [k.data for k in sel.get_map().values() if now >= deadlines[k.data]]:
-            self._procs.kill([cands[i].pid]); finish(i, ExecResult(error=_timeout_error(timeout), timed_out=True))
+            self._procs.kill([cands[i].pid] if cands[i].checked else []); finish(i, ExecResult(error=_timeout_error(timeout), timed_out=True))
         if not sel.get_map(): break
         for key, _ in sel.select(max(0.0, min(deadlines[k.data] for k in sel.get_map().values()) - now)):
             i, c = key.data, cands[key.data]
@@ -1175,7 +1341,7 @@ def _collect(self: Sandbox, cands: list, timeout: float, deadline: float, hard: 
                     if isinstance(out, ExecResult): finish(i, out)
                     else: deadlines[i] = min(deadlines[i] + out, hard)
             except Exception as e:
-                self._procs.kill([c.pid]); finish(i, ExecResult(error=_died_error(_describe(e))))
+                self._procs.kill([c.pid] if c.checked else []); finish(i, ExecResult(error=_died_error(_describe(e))))
     return results
 
 # %% ../nbs/03_sandbox.ipynb #e7173ab1
@@ -1183,7 +1349,7 @@ def _collect(self: Sandbox, cands: list, timeout: float, deadline: float, hard: 
 def _settle(self: Sandbox, cands: list, results: list, keep: bool):
     "Keep the candidates that can be adopted (if `keep`), close the rest, kill every process not kept, tidy scratch."
     for i, (c, r) in enumerate(zip(cands, results)):
-        if keep and c.pid is not None and not r.timed_out and not (r.error or '').startswith('SandboxError'): self._kept[i] = c
+        if keep and c.checked and not r.timed_out and not (r.error or '').startswith('SandboxError'): self._kept[i] = c
         else: c.sock.close()
     self._procs.sweep(keep={self._pid, *(c.pid for c in self._kept.values())})
     if not keep and not self._tidy(): self._kill_worker()  # replaced at the next run, which says so
@@ -1192,8 +1358,10 @@ def _settle(self: Sandbox, cands: list, results: list, keep: bool):
 def _tidy(self: Sandbox, keep: str | None = None, everything: bool = False) -> bool:
     "Ask the worker to delete the candidates' scratch copies except `keep`; False if it does not answer as it should."
     try:
-        self._sock.settimeout(5); _send(self._sock, {'op': 'tidy', 'keep': keep, 'everything': everything})
-        return self._reader.next(time.monotonic() + 5).get('type') == 'tidied'
+        nonce = secrets.token_hex(8)
+        _send_by(self._sock, {'op': 'tidy', 'keep': keep, 'everything': everything, 'nonce': nonce}, time.monotonic() + 5)
+        reply = self._reader.next(time.monotonic() + 5)
+        return reply.get('type') == 'tidied' and reply.get('nonce') == nonce
     except Exception: return False
 
 @patch
@@ -1205,14 +1373,17 @@ def fork_run(self: Sandbox, codes: list[str],   # candidate actions, each run fr
     "Run each candidate in a fork of the current worker; the sandbox's own state is left unchanged."
     with self._lock:
         t0, timeout = time.monotonic(), timeout or self.timeout
-        restarted = self._ensure_worker(); self._discard_kept()
+        try: restarted = self._ensure_worker()
+        except _StartFailed as e: return [ExecResult(error=f'SandboxError: {e}', restarted=True) for _ in codes]
+        self._discard_kept()
         if not codes: return []
         t1 = time.monotonic()
         try: cands, err = self._fork(codes, timeout + 1, t1 + timeout)
         except Exception as e:
-            status = self._kill_worker(); self._spawn()
+            status = self._kill_worker()
             why = 'it did not answer in time' if isinstance(e, socket.timeout) else status or _describe(e)
-            return [ExecResult(error=_died_error(why) + _RESTARTED, restarted=True, duration=time.monotonic() - t0) for _ in codes]
+            tail = self._respawn()
+            return [ExecResult(error=_died_error(why) + tail, restarted=True, duration=time.monotonic() - t0) for _ in codes]
         results = self._collect(cands, timeout, t1 + timeout, self._hard_limit(t1, timeout), share_tools)
         results += [ExecResult(error=f'SandboxError: could not start this candidate ({err})') for _ in codes[len(cands):]]
         self._settle(cands, results, keep)
@@ -1238,7 +1409,9 @@ def adopt(self: Sandbox, i: int):
 def reset(self: Sandbox):
     "Start from an empty namespace and an empty scratch directory (e.g. for a new question)."
     with self._lock:
-        self._kill_worker(); self._spawn(wipe=True)
+        self._kill_worker()
+        try: self._spawn(wipe=True)
+        except _StartFailed: self._wipe = True  # the next run tries again, and still starts from empty scratch
 
 @patch
 def close(self: Sandbox):

@@ -5,7 +5,7 @@ environment, this process, a loopback listener) and leave the sandbox usable. A 
 with the Python audit hook switched off, to show that the operating-system layers hold on their own. Benign tests at
 the end pin what honest code gets: state, numpy, sympy, tools, final_answer, fork_run and adopt.
 """
-import json, os, signal, socket, secrets, subprocess, time
+import json, os, signal, socket, secrets, subprocess, threading, time
 from types import SimpleNamespace
 import pytest
 from agent_distillation.sandbox import Sandbox, ExecResult, LAYERS
@@ -534,13 +534,15 @@ def test_huge_final_answer_is_capped(sb):
     assert r.is_final and len(repr(r.final_answer)) < 10_000
 
 
-FORGED_SURROGATES = ('{"type": "result", "output": "\\ud800", "error": "\\udc00", "final_answer": {"\\ud800": "\\udfff"}, '
-                     '"is_final": true}')
+# The worker echoes each request's nonce in its result; code that reads it from the worker's frames can still forge one.
+NONCE = ESC + "f = sys._getframe()\nwhile 'nonce' not in f.f_locals: f = f.f_back\nnonce = f.f_locals['nonce']\n"
+FORGED_SURROGATES = ("sendj({'type': 'result', 'nonce': nonce, 'output': '\\ud800', 'error': '\\udc00', "
+                     "'final_answer': {'\\ud800': '\\udfff'}, 'is_final': True})")
 
 
 @pytest.mark.parametrize('code', ["print('lone \\ud800 surrogate')", "raise ValueError('\\udfff')",
                                   "final_answer({'\\udc00k': ['\\ud83d', 'ok']})", "print(chr(0xdc00))",
-                                  SEND + f"send({FORGED_SURROGATES!r}.encode())"])
+                                  NONCE + SEND + FORGED_SURROGATES])
 def test_results_are_valid_utf8(sb, code):
     "Lone surrogates would crash the next HTTP request or the JSONL writer: every string in a result encodes as UTF-8."
     r = sb.run(code)
@@ -658,7 +660,9 @@ def test_background_processes_die_without_a_cgroup():
 def test_audit_hook_is_a_convenience(sb, host):
     "Model code can switch the hook off; the kernel layers still refuse, and the protections say what the hook is."
     assert 'not a boundary' in sb.protections['audit_hook']
-    r = sb.run("g = final_answer.__self__.guard\ng.locked = False\n" + ESC + f"print(open('{host.env}').read())")
+    off = ESC + "sys.modules['agent_distillation.sandbox']._Guard.__call__ = lambda *a: None\n"  # one route of many
+    assert 'PermissionError' in sb.run(ESC + "imp('mmap')").error and sb.run(off + "imp('mmap')").error is None
+    r = sb.run(ESC + f"print(open('{host.env}').read())")
     assert r.error and host.token not in r.output + r.error
     sb.reset()
 
@@ -673,7 +677,8 @@ def tooled():
 @pytest.mark.parametrize('code', ['final_answer = "Paris"', 'retrieve = retrieve("x")', 'del final_answer',
                                   'def final_answer(x): return x', 'import math as retrieve', 'for retrieve in range(3): pass',
                                   '(final_answer := 1)', 'class retrieve: pass', 'try: 1/0\nexcept Exception as final_answer: pass',
-                                  'from math import pi as final_answer', 'x = 1\nif x:\n    retrieve, y = 1, 2'])
+                                  'from math import pi as final_answer', 'x = 1\nif x:\n    retrieve, y = 1, 2',
+                                  'exec("final_answer = 1")', 'exec(compile("del retrieve", "s", "exec"))'])
 def test_tool_names_cannot_be_rebound(tooled, code):
     r = tooled.run(code)
     assert r.error and 'cannot be reassigned' in r.error and not r.restarted, r
@@ -703,7 +708,14 @@ def test_tool_names_are_restored_before_each_step(tooled, code):
                                   "for i in range(3):\n    try:\n        final_answer(1 + i)\n    except BaseException:\n        continue",
                                   "def f():\n    try:\n        final_answer(1)\n    except:\n        return 0\nf()\nprint('after')",
                                   "try:\n    final_answer(1)\nexcept* BaseException:\n    pass\nprint('after')",
-                                  "try:\n    try:\n        final_answer(1)\n    finally:\n        print('cleanup')\nexcept BaseException:\n    pass\nprint('after')"])
+                                  "try:\n    try:\n        final_answer(1)\n    finally:\n        print('cleanup')\nexcept BaseException:\n    pass\nprint('after')",
+                                  # red-team round: exec'd source, context managers and finally blocks that swallow it
+                                  'exec("try:\\n    final_answer(1)\\nexcept BaseException:\\n    pass")\nprint("after")',
+                                  'eval(compile("try:\\n    final_answer(1)\\nexcept BaseException: pass", "s", "exec"))\nprint("after")',
+                                  "class Quiet:\n    def __enter__(self): return self\n    def __exit__(self, *a): return True\n"
+                                  "with Quiet():\n    final_answer(1)\nprint('after')",
+                                  "for i in range(2):\n    try:\n        final_answer(1 + i)\n    finally:\n        continue\nprint('after')",
+                                  "def f():\n    try:\n        final_answer(1)\n    finally:\n        return 0\nf()\nprint('after')"])
 def test_final_answer_ends_the_code_under_broad_handlers(tooled, code):
     r = tooled.run(code)
     assert r.is_final and r.final_answer == 1 and r.error is None, r
@@ -713,3 +725,188 @@ def test_final_answer_ends_the_code_under_broad_handlers(tooled, code):
 def test_final_answer_inside_a_candidate_handler(tooled):
     rs = tooled.fork_run(["try:\n    final_answer(retrieve('a'))\nexcept BaseException:\n    final_answer('swallowed')"] * 2)
     assert [r.final_answer for r in rs] == [['passage about a']] * 2
+
+
+
+# ---- third round: an independent red team (one test per finding) ---------------------------------------------------
+
+SIGIO = ESC + ("fcntl = sys.modules['fcntl']\nr, w = os.pipe()\nfcntl.fcntl(r, fcntl.F_SETOWN, os.getpid())\n"
+               "fcntl.fcntl(r, 10, {sig})\nfcntl.fcntl(r, fcntl.F_SETFL, fcntl.fcntl(r, fcntl.F_GETFL) | os.O_ASYNC)\n"
+               "os.write(w, b'x')\nimport time; time.sleep(0.5)\nprint('alive')")  # 10 = F_SETSIG
+
+
+def test_signal_driven_io_is_refused(sb):
+    "fcntl(F_SETOWN, F_SETSIG, O_ASYNC) would let code signal itself or others without kill(2): seccomp refuses it."
+    r = sb.run(SIGIO.format(sig=40))
+    assert r.error and 'PermissionError' in r.error and not r.restarted, r
+    assert usable(sb) and sb.fork_run(['1'])[0].output == '1\n'
+
+
+def test_worker_killed_by_an_unnamed_signal_keeps_the_sandbox():
+    "Without seccomp the worker can die of real-time signal 40, which has no name: the zygote must survive that."
+    with Sandbox(timeout=TIMEOUT, layers=[l for l in LAYERS if l not in ('seccomp', 'audit_hook')]) as s:
+        s.run('x = 1')
+        for _ in range(2):
+            r = s.run(SIGIO.format(sig=40))
+            assert r.restarted and 'signal 40' in r.error, r
+        assert usable(s) and s.fork_run(['2'])[0].output == '2\n'
+        s.reset(); assert usable(s)
+
+
+def test_zygote_death_is_survived(sb):
+    "If the zygote dies, its worker dies with it (PR_SET_PDEATHSIG, set after the uid change) and a new zygote takes over."
+    sb.run('x = 1'); worker = sb._pid
+    z = sb._procs.zygote; os.kill(z.pid, signal.SIGKILL); z.wait()
+    assert gone_soon(worker), 'the worker outlived its zygote'
+    r = sb.run('print(2)')
+    assert r.output == '2\n' and r.restarted, r
+    sb.reset(); assert usable(sb) and sb.fork_run(['3'])[0].output == '3\n'
+
+
+def processes_of(base) -> set:
+    "Live processes whose command line names sandbox directory `base` (the zygote and everything forked from it)."
+    out = set()
+    for p in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            if base.name in open(f'/proc/{p}/cmdline').read() and not gone(int(p)): out.add(int(p))
+        except OSError: pass
+    return out
+
+
+def test_nothing_outlives_close_when_the_zygote_dies_mid_run():
+    "Without a cgroup the parent finds the sandbox's processes by session: a dead zygote hides none of them."
+    s = Sandbox(timeout=TIMEOUT, layers=[l for l in LAYERS if l not in ('cgroup', 'audit_hook')])
+    s.run('1'); z = s._procs.zygote
+    threading.Timer(0.5, os.kill, (z.pid, signal.SIGKILL)).start()
+    s.run(ESC + "import time\nif os.fork() == 0:\n    time.sleep(20)\n    os._exit(0)\ntime.sleep(1.5)")
+    s.close()
+    end = time.monotonic() + 2
+    while (left := processes_of(s._procs.base)) and time.monotonic() < end: time.sleep(0.05)
+    for p in left: os.kill(p, signal.SIGKILL)  # do not leave them to the machine when this fails
+    assert not left, left
+
+
+def test_large_code_keeps_the_worker(sb):
+    "Code larger than the socket buffer used to find the parent's socket non-blocking and kill the worker."
+    sb.reset(); sb.run('keep = 42')
+    r = sb.run(f"s = '{'a' * 400_000}'\nprint(len(s), keep)")
+    assert r.output == '400000 42\n' and not r.restarted, r
+    rs = sb.fork_run([f"s = '{'b' * 60_000}'\nprint(len(s), keep)"] * 8)
+    assert [x.output for x in rs] == ['60000 42\n'] * 8, rs
+    assert sb.run('keep').output == '42\n'
+
+
+def test_tools_do_not_hand_out_the_worker(tooled):
+    "`final_answer` and the tool stubs hold no reference to the worker (its guard, socket and builtins)."
+    r = tooled.run("final_answer.__self__")
+    assert 'AttributeError' in r.error, r
+    r = tooled.run("print(sorted({type(c.cell_contents).__name__ for f in (final_answer, retrieve) for c in f.__closure__ or ()}))")
+    assert r.error is None and 'Worker' not in r.output and 'Guard' not in r.output, r
+
+
+def test_forged_results_do_not_shift_later_steps(sb):
+    "Results written ahead on the worker's socket carry no nonce of a request: refused, and later steps stay in line."
+    forged = SEND + ("sendj({'type': 'result', 'output': 'forged\\n', 'error': None, 'is_final': False, 'final_answer': None})\n"
+                     "sendj({'type': 'result', 'output': '', 'error': None, 'is_final': True, 'final_answer': 'Lyon'})\n")
+    r = sb.run(forged + "print('real')")
+    assert r.output != 'forged\n' and not r.is_final, r
+    r = sb.run("final_answer('Paris')")
+    assert r.final_answer == 'Paris', r
+    assert sb.run('print(3)').output == '3\n' and sb.run('print(4)').output == '4\n'
+
+
+PLANT = ESC + "signal = sys.modules['signal']\n{how}"
+
+
+@pytest.mark.parametrize('how', ["signal.signal(signal.SIGALRM, lambda s, f: final_answer('HIJACKED'))\n"
+                                 "signal.setitimer(signal.ITIMER_REAL, 0.2, 0.1)",
+                                 "signal.signal(signal.SIGALRM, lambda s, f: final_answer('HIJACKED'))\nsignal.alarm(1)",
+                                 "try: signal.signal(signal.SIGALRM, lambda s, f: final_answer('HIJACKED'))\n"
+                                 "except OSError: pass\nsignal.setitimer(signal.ITIMER_REAL, 0.2, 0.1)",
+                                 "signal.signal(signal.SIGCHLD, lambda s, f: final_answer('HIJACKED'))"])
+def test_earlier_steps_cannot_plant_timers_or_handlers(sb, how):
+    "No signal handler and no timer: nothing of an earlier step runs by itself while a later step runs."
+    r = sb.run(PLANT.format(how=how))
+    assert r.error and 'Operation not permitted' in r.error, r
+    r = sb.run("import time\nt = time.time()\nwhile time.time() - t < 1.2: pass\nprint('done')")
+    assert r.output == 'done\n' and not r.is_final and r.error is None, r
+
+
+@pytest.mark.parametrize('how', ["threading = sys.modules['threading']\nthreading.Thread(target=time.sleep, args=(5,)).start()",
+                                 "sys.modules['_thread'].start_new_thread(time.sleep, (5,))"])
+def test_threads_are_refused(sb, how):
+    "A thread left by one step could act during the next step or forge the vote: seccomp refuses thread creation."
+    r = sb.run(ESC + "import time\n" + how)
+    assert r.error and "can't start new thread" in r.error and not r.restarted, r
+    rs = sb.fork_run([f'final_answer("real {i}")' for i in range(4)])
+    assert [x.final_answer for x in rs] == [f'real {i}' for i in range(4)], rs
+
+
+FORGE_CANDIDATES = ESC + ("import json\nw = sys._getframe().f_back.f_back.f_locals['self']\nreal = w.fork\n"
+                          "m = json.dumps({'type': 'result', 'output': '', 'error': None, 'is_final': True, 'final_answer': 'FORGED'}).encode()\n"
+                          "def fake(fds, *args):\n    for f in fds: os.write(f, len(m).to_bytes(4, 'big') + m)\n    return real(fds, *args)\n"
+                          "w.fork = fake\n")
+
+
+def test_worker_cannot_answer_for_its_candidates(fresh):
+    "The kernel names who sent a candidate's first message: the worker itself (or a stranger) is refused."
+    assert fresh.run(FORGE_CANDIDATES).error is None
+    rs = fresh.fork_run(['final_answer("real 0")', 'final_answer("real 1")'], keep=True)
+    assert all('FORGED' not in str(r.final_answer) for r in rs), rs
+    for i in range(2):
+        with pytest.raises(ValueError): fresh.adopt(i)
+    fresh.reset(); assert usable(fresh)
+
+
+SIBLING_PROBE = ESC + ("import time\ntag, i = os.path.basename(os.getcwd()).split('-')[1:]\n"
+                       "sib = os.path.join('..', f'.fork-{tag}-{1 - int(i)}')\nend = time.time() + 2\n"
+                       "while not os.path.isdir(sib) and time.time() < end: time.sleep(0.01)\n"
+                       "try: open(os.path.join(sib, 'planted'), 'w').write('x'); print('WROTE')\nexcept OSError: print('denied')")
+
+
+def test_sibling_isolation_past_the_landlock_layer_limit(fresh):
+    "Each adopted candidate adds a Landlock layer and the kernel stops at 16: then fork_run fails closed, never open."
+    seen = []
+    for step in range(18):
+        rs = fresh.fork_run([SIBLING_PROBE, SIBLING_PROBE], keep=True)
+        seen += [r.output or r.error for r in rs]
+        assert not any('WROTE' in (r.output or '') for r in rs), (step, rs)
+        if rs[0].error:
+            assert 'Landlock' in rs[0].error and 'reset()' in rs[0].error, rs
+            break
+        fresh.adopt(0)
+    assert any('Landlock' in x for x in seen), 'the layer limit was never reached'
+    fresh.reset(); assert fresh.fork_run([SIBLING_PROBE, SIBLING_PROBE])[0].output == 'denied\n'
+
+
+def test_full_scratch_gives_a_clear_fork_error():
+    "Candidates copy the scratch files: when N copies cannot fit, fork_run says so (disk_mb, N), without host paths."
+    with Sandbox(timeout=TIMEOUT, disk_mb=16) as s:
+        s.run("open('big', 'wb').write(b'x' * (10 << 20))\nkeep = 1")
+        rs = s.fork_run(['1', '2'])
+        assert all(r.error and 'disk_mb=16' in r.error and '2 copies' in r.error for r in rs), rs
+        assert all(str(s.scratch) not in r.error for r in rs)
+        r = s.run('keep')
+        assert r.output == '1\n' and not r.restarted
+
+
+def test_no_free_file_descriptors_gives_a_clear_fork_error(sb):
+    sb.reset()
+    r = sb.run("fs = []\ntry:\n    while True: fs.append(open('/dev/null'))\nexcept OSError: pass\nprint(len(fs) > 200)")
+    assert r.output == 'True\n', r
+    rs = sb.fork_run(['1', '2'])
+    assert all(x.error and 'file descriptors' in x.error for x in rs), rs
+    r = sb.run("del fs\nprint('fine')")
+    assert r.output == 'fine\n' and not r.restarted, r
+
+
+def test_honest_code_needs_no_thread_timer_or_handler(sb):
+    "What the seccomp rules refuse is nothing honest code needs: every allowed import, numpy's linear algebra, sympy."
+    from agent_distillation.sandbox import ALLOWED_IMPORTS
+    code = (f"import {', '.join(ALLOWED_IMPORTS)}\nimport numpy as np, sympy as sp\n"
+            "a = np.linalg.inv(np.array([[2., 1.], [1., 3.]])) @ np.array([[2., 1.], [1., 3.]])\n"
+            "x = sp.symbols('x')\nq = queue.Queue(); q.put(1)\ntime.sleep(0.01)\n"
+            "print(np.allclose(a, np.eye(2)), sp.solve(x**2 - 4, x), sp.simplify(sp.sin(x)**2 + sp.cos(x)**2), q.get(),\n"
+            "      fractions.Fraction(1, 3) + decimal.Decimal(1).is_finite(), statistics.median([3, 1, 2]))")
+    r = sb.run(code)
+    assert r.error is None and r.output == 'True [-2, 2] 1 1 4/3 2\n', r
