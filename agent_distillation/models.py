@@ -295,13 +295,15 @@ class OpenAILM(LM):
                  tokenizer=None,                  # local tokenizer (or registry name) for prefix continuation via /completions
                  prefix_mode: str = 'completions',  # 'completions' (local template) or 'chat' (vLLM continue_final_message)
                  timeout: float = 600.0,          # seconds per request
-                 max_retries: int = 4,            # retries of transient failures
+                 max_retries: int = 4,            # retries of transient failures and unusable answers
+                 backoff: float = 0.5,            # seconds before the first retry (doubling, at most 30)
+                 prompt_ids: bool = True,         # send /completions prompts as token ids (no special token added twice)
                  max_concurrency: int = 8,        # conversations in flight at once
                  extra_body: dict | None = None): # extra fields for every request (e.g. vLLM's top_k)
         super().__init__()
         url = base_url.rstrip('/')
         self.base_url = url if httpx.URL(url).path.strip('/') else url + '/v1'
-        self.name, self.prefix_mode, self.max_retries = model, prefix_mode, max_retries
+        self.name, self.prefix_mode, self.max_retries, self.backoff, self.prompt_ids = model, prefix_mode, max_retries, backoff, prompt_ids
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self.max_concurrency, self.extra_body, self.n_per_request = max_concurrency, extra_body or {}, None
         key = api_key or os.environ.get('OPENAI_API_KEY')
@@ -319,19 +321,37 @@ class ServerError(RuntimeError):
     "An error answer from an OpenAI-compatible server (`status` is None for connection failures)."
     def __init__(self, msg, status=None): super().__init__(msg); self.status = status
 
+def _unusable(r: httpx.Response) -> str | None:
+    "Why a 200 answer holds no completions (None when it does): invalid JSON, no choices, a choice without text."
+    try: data = r.json()
+    except ValueError: return 'a body that is not valid JSON (truncated?)'
+    choices = data.get('choices') if isinstance(data, dict) else None
+    if not isinstance(choices, list) or not choices: return 'no choices'
+    if not all(isinstance(_choice_text(c), str) for c in choices): return 'a choice whose text is null or missing'
+    return None
+
+def _choice_text(c) -> str | None:
+    "The text of a chat or completions choice (None if it has none)."
+    if not isinstance(c, dict): return None
+    return (c.get('message') or {}).get('content') if 'message' in c else c.get('text')
+
+# %% ../nbs/04_models.ipynb #ca50a7b4
 @patch
 def _post(self: OpenAILM, path: str, body: dict) -> dict:
-    "POST a JSON body, retrying transient failures with exponential backoff."
+    "POST a JSON body; retry transient failures and unusable answers with exponential back-off, `max_retries` times at most."
+    url = self.base_url + path
     for attempt in range(self.max_retries + 1):
-        try:
-            r = self.client.post(self.base_url + path, json=body)
-            if r.status_code < 400: return r.json()
-            err = ServerError(f"{self.base_url}{path} answered {r.status_code}: {r.text[:500]}", r.status_code)
-            if r.status_code not in _RETRY_STATUS: raise err
+        if attempt: time.sleep(min(30.0, self.backoff * 2 ** (attempt - 1)))
+        try: r = self.client.post(url, json=body)
         except (httpx.TransportError, httpx.TimeoutException) as e:
-            err = ServerError(f"{self.base_url}{path}: {type(e).__name__}: {e}")
-        if attempt < self.max_retries: time.sleep(min(30, 0.5 * 2**attempt))
-    raise err
+            err = ServerError(f"{url}: {type(e).__name__}: {e}"); continue
+        if r.status_code >= 400:
+            err = ServerError(f"{url} answered {r.status_code}: {r.text[:500]}", r.status_code)
+            if r.status_code in _RETRY_STATUS: continue
+            raise err
+        if (why := _unusable(r)) is None: return r.json()
+        err = ServerError(f"{url} answered 200 with {why}: {r.text[:300]!r}", r.status_code)
+    raise ServerError(f"{err} (gave up after {self.max_retries + 1} attempts)", err.status)
 
 # %% ../nbs/04_models.ipynb #90d7c6c6
 @patch
@@ -342,14 +362,11 @@ def _request(self: OpenAILM, messages, prefix, **params) -> tuple[str, dict]:
         if self.tokenizer is None:
             raise ValueError("A prefix needs the model's tokenizer to render the chat template for /completions: "
                              "OpenAILM(..., tokenizer=...) or prefix_mode='chat' for servers that continue a final assistant message (vLLM)")
-        return '/completions', body | {'prompt': render_prompt(self.tokenizer, messages, prefix)}
+        text = render_prompt(self.tokenizer, messages, prefix)
+        return '/completions', body | {'prompt': self.tokenizer(text, add_special_tokens=False)['input_ids'] if self.prompt_ids else text}
     if prefix: return '/chat/completions', body | {'messages': [*messages, {'role': 'assistant', 'content': prefix}],
                                                    'continue_final_message': True, 'add_generation_prompt': False}
     return '/chat/completions', body | {'messages': list(messages)}
-
-def _choice_text(c: dict) -> str:
-    "The text of a chat or completions choice."
-    return c['message'].get('content') or '' if 'message' in c else c.get('text', '')
 
 # %% ../nbs/04_models.ipynb #3a00de16
 @patch
@@ -413,12 +430,13 @@ class LlamaServer:
                  parallel: int = 1,                # slots (llama-server binary only)
                  binary: str | None = None,        # a `llama-server` binary to use instead of llama-cpp-python
                  host: str = '127.0.0.1', port: int | None = None,
-                 ready_timeout: float = 120.0):    # seconds to wait for the server to answer
+                 ready_timeout: float = 120.0,     # seconds to wait for the server to answer
+                 args: tuple = ()):                # more command-line arguments for the server
         is_file = str(gguf).endswith('.gguf')
         self.gguf = Path(gguf) if is_file else gguf_path(gguf)
         self.model = model or (self.gguf.stem if is_file else str(gguf))
         self.n_ctx, self.threads, self.parallel, self.host, self.port = n_ctx, threads, parallel, host, port
-        self.backend, self.ready_timeout, self.proc = llama_server_backend(binary), ready_timeout, None
+        self.backend, self.ready_timeout, self.proc, self.args = llama_server_backend(binary), ready_timeout, None, list(args)
         if self.backend is None:
             raise RuntimeError("No llama.cpp server found: pip install 'llama-cpp-python[server]' (or set LLAMA_SERVER to a llama-server binary)")
 
@@ -432,10 +450,10 @@ def command(self: LlamaServer) -> list[str]:
     if self.backend == 'python':
         cmd = [sys.executable, '-m', 'llama_cpp.server', '--model', str(self.gguf), '--model_alias', self.model,
                '--host', self.host, '--port', str(self.port), '--n_ctx', str(self.n_ctx)]
-        return cmd + (['--n_threads', str(self.threads)] if self.threads else [])
+        return cmd + (['--n_threads', str(self.threads)] if self.threads else []) + self.args
     cmd = [self.backend, '-m', str(self.gguf), '--alias', self.model, '--host', self.host, '--port', str(self.port),
            '-c', str(self.n_ctx * self.parallel), '-np', str(self.parallel)]
-    return cmd + (['-t', str(self.threads)] if self.threads else [])
+    return cmd + (['-t', str(self.threads)] if self.threads else []) + self.args
 
 # %% ../nbs/04_models.ipynb #0b2adf52
 @patch
