@@ -647,7 +647,7 @@ def run(self: _Worker, code: str, cpu_s: float, nonce=None) -> dict:
     _arm_cpu_limit(cpu_s)
     sys.stdout = sys.stderr = out
     try:
-        self.guard.locked = True
+        self.guard.locked, self.guard.busy = True, False  # whatever an earlier step set them to
         try: _run_cell(code, self.ns, f'<code-{self.n}>', self.protected)
         finally: self.guard.locked = False
     except _FinalAnswer: pass

@@ -910,3 +910,12 @@ def test_honest_code_needs_no_thread_timer_or_handler(sb):
             "      fractions.Fraction(1, 3) + decimal.Decimal(1).is_finite(), statistics.median([3, 1, 2]))")
     r = sb.run(code)
     assert r.error is None and r.output == 'True [-2, 2] 1 1 4/3 2\n', r
+
+
+def test_audit_hook_flags_are_reset_each_step(sb):
+    "A step that switches the guard off through its flags (reached via frames) does not leave it off for the next step."
+    r = sb.run(ESC + "sys._getframe().f_back.f_back.f_locals['self'].guard.busy = True\nos.kill(os.getpid(), 0)")
+    assert 'blocked by the sandbox' not in r.error, r   # the kernel refused it (seccomp), not the hook
+    r = sb.run(ESC + "os.kill(os.getpid(), 0)")
+    assert 'blocked by the sandbox: os.kill' in r.error, r
+    sb.reset()
