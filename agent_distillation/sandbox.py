@@ -4,8 +4,8 @@
 
 # %% ../nbs/03_sandbox.ipynb #b974f808
 from __future__ import annotations
-import ast, builtins, ctypes, gc, io, json, linecache, os, platform, re, resource, select, selectors, shutil, signal
-import secrets, socket, struct, subprocess, sys, sysconfig, tempfile, threading, time, traceback, weakref
+import ast, builtins, ctypes, errno, gc, io, json, linecache, math, os, platform, re, resource, select, selectors, shutil, signal
+import contextlib, secrets, socket, struct, subprocess, sys, sysconfig, tempfile, threading, time, traceback, weakref
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -370,10 +370,47 @@ def _build_root(root: str, scratch: str, cfg: dict):
     for d in _DEVICES:
         if os.path.exists(d): _bind(d, root, ro=False)
     os.makedirs(root + scratch)
-    _mount('tmpfs', root + scratch, 'tmpfs', _MS_NOSUID | _MS_NODEV,
-           f"size={cfg['disk_mb']}m,nr_inodes={cfg['max_files']},mode=700,uid={cfg['uid']},gid={cfg['uid']}")
+    _mount_scratch(root + scratch, cfg)
     _mount(None, root, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
     _pivot_root(root)
+
+def _mount_scratch(path: str, cfg: dict):
+    "Mount an empty scratch tmpfs at `path`, owned by the sandbox user, sized by `disk_mb` and `max_files`."
+    _mount('tmpfs', path, 'tmpfs', _MS_NOSUID | _MS_NODEV,
+           f"size={cfg['disk_mb']}m,nr_inodes={cfg['max_files']},mode=700,uid={cfg['uid']},gid={cfg['uid']}")
+
+_SLOT = re.compile(r'\.fork-\d+-\d+\Z')
+
+def _slot_dir(cfg: dict, slots: set, home, name) -> str:
+    "The path of candidate slot `name` under the worker's `home` (slot names from scratch); ValueError unless both are well formed."
+    if not isinstance(home, list) or not all(isinstance(h, str) and _SLOT.match(h) for h in [*home, name]): raise ValueError('bad slot name')
+    base = os.path.join(cfg['scratch'], *home)
+    if home and base not in slots: raise ValueError('the worker does not live in a slot')
+    return os.path.join(base, name)
+
+def _make_slot(path: str, cfg: dict):
+    "Mount a fresh scratch-sized tmpfs on new directory `path`, through a descriptor (never a link the sandbox put there)."
+    os.mkdir(path, 0o700)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        if os.fstat(fd).st_uid != 0: raise OSError(errno.EPERM, 'slot directory replaced')
+        os.fchdir(fd); _mount_scratch('.', cfg)
+    finally: os.chdir('/'); os.close(fd)
+
+def _drop_slot(path: str):
+    "Detach a candidate's tmpfs (whatever is in it) and remove its mount point (never following links)."
+    _libc().umount2(os.fsencode(path), 2 | 8)  # MNT_DETACH | UMOUNT_NOFOLLOW
+    try: os.rmdir(path)
+    except OSError: pass
+
+def _fresh_scratch(cfg: dict):
+    "Replace the scratch tmpfs by a new one (the old one, whatever the code left in it, is detached and freed); check it is empty."
+    path = cfg['scratch']
+    _check(_libc().umount2(os.fsencode(path), 2), 'umount scratch')  # MNT_DETACH: no file or descriptor of the old one counts
+    _mount_scratch(path, cfg)
+    st = os.statvfs(path)
+    if os.listdir(path) or st.f_bfree != st.f_blocks or st.f_ffree + 1 < st.f_files:
+        raise OSError(errno.ENOTEMPTY, f'the new scratch disk is not empty ({st.f_blocks - st.f_bfree} blocks, {st.f_files - st.f_ffree} files used)')
 
 # %% ../nbs/03_sandbox.ipynb #218de31f
 def _map_user():
@@ -395,7 +432,7 @@ def _isolate_zygote(cfg: dict) -> dict:
     prot['netns'] = 'on: empty network namespace' if flags & _CLONE_NEWNET else 'off: disabled'
     if flags & _CLONE_NEWNS:
         try:
-            _build_root(cfg['root'], cfg['scratch'], cfg)
+            _build_root(cfg['root'], cfg['scratch'], cfg); cfg['scratch_mount'] = True
             prot['mountns'] = f"on: minimal read-only root, scratch tmpfs {cfg['disk_mb']} MB / {cfg['max_files']} files"
         except OSError as e: prot['mountns'] = f'off: {e}'
     else: prot['mountns'] = 'off: disabled'
@@ -415,14 +452,16 @@ def _set_rlimits(cfg: dict) -> str:
     for lim, v in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, cfg['disk_mb'] << 20), (resource.RLIMIT_NOFILE, 256),
                    (resource.RLIMIT_CORE, 0)) + (((resource.RLIMIT_NPROC, cfg['max_procs']),) if own_uid else ()):
         resource.setrlimit(lim, (v, v))
-    resource.setrlimit(resource.RLIMIT_CPU, (inf, inf))
+    resource.setrlimit(resource.RLIMIT_CPU, (cfg['cpu_budget'], cfg['cpu_budget']))  # hard: no step can lift it
     procs = f", {cfg['max_procs']} processes for uid {cfg['uid']}" if own_uid else ' (processes: see cgroup)' if cfg.get('cgroup_pids') else ''
-    return f"on: +{cfg['memory_mb']} MB address space, files ≤ {cfg['disk_mb']} MB, 256 fds{procs}, CPU time per run"
+    return (f"on: +{cfg['memory_mb']} MB address space, files ≤ {cfg['disk_mb']} MB, 256 fds{procs}, CPU time per run, "
+            f"{cfg['cpu_budget']} s CPU per process in all")
 
 def _arm_cpu_limit(seconds: float):
-    "Allow `seconds` more CPU time from now (SIGXCPU after that)."
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    resource.setrlimit(resource.RLIMIT_CPU, (int(r.ru_utime + r.ru_stime + seconds) + 1, resource.RLIM_INFINITY))
+    "Allow `seconds` more CPU time from now (SIGXCPU after that), never past the hard limit set at lockdown."
+    r, hard = resource.getrusage(resource.RUSAGE_SELF), resource.getrlimit(resource.RLIMIT_CPU)[1]
+    soft = int(r.ru_utime + r.ru_stime + seconds) + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
 
 # %% ../nbs/03_sandbox.ipynb #f3649852
 _LL_READ = 1 | 4 | 8          # EXECUTE | READ_FILE | READ_DIR
@@ -479,7 +518,9 @@ _SECCOMP_DENY = (59, 322, 101, 310, 311, 165, 166, 155, 161, 272, 308, 112, 109,
                  176, 246, 320, 169, 167, 168, 135, 323, 425, 426, 427, 163, 164, 227, 305, 159, 103, 153, 179, 303,
                  304, 212, 172, 173, 442, 429, 428, 430, 431, 432, 433, 438, 312, 300, 134, 170, 171,
                  62, 200, 234, 129, 297, 424, 434,  # signals: kill, tkill, tgkill, rt_(tg)sigqueueinfo, pidfd_send_signal/open
-                 13, 37, 38, 222, 244, 58)          # code that runs later: rt_sigaction, alarm, setitimer, timer_create, mq_notify, vfork
+                 13, 37, 38, 222, 244, 58,          # code that runs later: rt_sigaction, alarm, setitimer, timer_create, mq_notify, vfork
+                 29, 30, 31, 67, 64, 65, 66, 220,   # SysV shared memory and semaphores: shm*, sem*
+                 68, 69, 70, 71, 240, 241, 242, 243, 245)  # SysV and POSIX message queues: msg*, mq_*
 _NR_CLONE, _NR_CLONE3, _NR_SOCKET, _NR_FCNTL, _NR_IOCTL, _AUDIT_ARCH_X86_64 = 56, 435, 41, 72, 16, 0xc000003e
 _NS_FLAGS = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
 _CLONE_DENY = _NS_FLAGS | 0x100 | 0x8000 | 0x10000  # ... | CLONE_VM | CLONE_PARENT | CLONE_THREAD: no threads
@@ -524,7 +565,7 @@ def _seccomp() -> str:
     libc = _libc()
     _check(libc.prctl(_PR_SET_SECCOMP, ctypes.c_ulong(2), ctypes.byref(fprog), ctypes.c_ulong(0), ctypes.c_ulong(0)), 'seccomp')
     return (f'on: {len(_SECCOMP_DENY) + 3} syscalls refused (execve, ptrace, mount, unshare, signals, timers, '
-            'signal handlers, threads, signal-driven I/O, non-Unix sockets, ...)')
+            'signal handlers, threads, signal-driven I/O, SysV/POSIX IPC, non-Unix sockets, ...)')
 
 # %% ../nbs/03_sandbox.ipynb #1db31bb1
 _DENY_EVENTS = {'os.system', 'os.exec', 'os.spawn', 'os.posix_spawn', 'os.fork', 'os.forkpty', 'subprocess.Popen',
@@ -605,7 +646,7 @@ def _answer_box() -> tuple[list, Callable, Callable]:
 class _Worker:
     "The sandboxed side: a namespace, a channel to the parent, and a guard."
     def __init__(self, sock, cfg: dict, guard: _Guard):
-        self.sock, self.cfg, self.guard, self.n, self.pid, self.home = sock, cfg, guard, 0, os.getpid(), os.getcwd()
+        self.sock, self.cfg, self.guard, self.n, self.pid, self.home, self.slots = sock, cfg, guard, 0, os.getpid(), os.getcwd(), False
         self.protected, self.bdict = frozenset([*cfg['tools'], 'final_answer', _RERAISE]), {}
         bi = {k: v for k, v in vars(builtins).items()
               if k not in ('help', 'exit', 'quit', 'breakpoint', 'copyright', 'credits', 'license', 'input')}
@@ -614,13 +655,15 @@ class _Worker:
         self.ns = {'__builtins__': self.bdict, '__name__': '__main__'}
 
     def _restore(self) -> list:
-        "Builtins as at the start with new tool stubs and `final_answer`, and no global that shadows a tool; the run's answer box."
+        "Builtins as at the start with new tool stubs and `final_answer`, no global that shadows a tool, the scratch directory as cwd; the run's answer box."
         box, answer, check = _answer_box()
         self.bdict.clear(); self.bdict.update(self.pristine)  # the same dict: functions defined earlier keep seeing it
         self.bdict.update({n: _tool_stub(self.sock, n, doc) for n, doc in self.cfg['tools'].items()})
         self.bdict['final_answer'], self.bdict[_RERAISE] = answer, check
         self.ns['__builtins__'] = self.bdict
         for n in self.protected: self.ns.pop(n, None)
+        try: os.chdir(self.home)  # a step that changed directory does not move the next one
+        except OSError: pass
         return box
 
 # %% ../nbs/03_sandbox.ipynb #877c1dfd
@@ -661,9 +704,9 @@ def run(self: _Worker, code: str, cpu_s: float, nonce=None) -> dict:
 
 # %% ../nbs/03_sandbox.ipynb #0a18b2e9
 @patch
-def fork(self: _Worker, fds: list[int], codes: list[str], cpu_s: float, tag: int, nonce=None):
-    "Fork one child per socket in `fds`; child i runs `codes[i]` in its own scratch copy, answers, then serves there."
-    n, err = 0, self._cannot_fork(len(codes), len(fds))
+def fork(self: _Worker, fds: list[int], codes: list[str], cpu_s: float, tag: int, nonce=None, slots: bool = False):
+    "Fork one child per socket in `fds`; child i runs `codes[i]` in its own scratch copy (on its own disk if `slots`), answers, then serves there."
+    n, err, self.slots = 0, self._cannot_fork(len(codes), len(fds), slots), slots
     for i, fd in enumerate(fds[:len(codes)] if err is None else []):
         try: pid = os.fork()
         except OSError as e: err = f'fork failed: {e.strerror}'; break
@@ -685,49 +728,92 @@ def _candidate(self: _Worker, fd: int, fds: list[int], code: str, cpu_s: float, 
           {'type': 'result', 'output': '', 'error': err, 'is_final': False, 'final_answer': None})
 
 # %% ../nbs/03_sandbox.ipynb #b7a1c015
+_MAX_DEPTH = 64  # directory levels in scratch that fork_run copies
+
+def _tree(root: str) -> list:
+    "Every entry under `root` except candidates' copies (`.fork-*`), parents first, without recursion; OSError past `_MAX_DEPTH` levels."
+    found, todo = [], [(root, 0)]
+    while todo:
+        d, depth = todo.pop()
+        with os.scandir(d) as it: entries = [e for e in it if d != root or not e.name.startswith('.fork-')]
+        found += entries
+        for e in entries:
+            if not e.is_dir(follow_symlinks=False): continue
+            if depth >= _MAX_DEPTH: raise OSError(errno.ELOOP, f'directories nested deeper than {_MAX_DEPTH} levels')
+            todo.append((e.path, depth + 1))
+    return found
+
 def _usage(path: str) -> tuple[int, int]:
     "Bytes and entries under `path`, leaving out candidates' copies (`.fork-*`)."
-    size = n = 0
-    for d, dirs, files in os.walk(path):
-        dirs[:] = [x for x in dirs if not x.startswith('.fork-')]
-        for f in files + dirs:
-            try: size += os.lstat(os.path.join(d, f)).st_blocks * 512; n += 1
-            except OSError: pass
-    return size, n
+    entries = _tree(path)
+    return sum(e.stat(follow_symlinks=False).st_blocks * 512 for e in entries), len(entries)
 
 @patch
-def _cannot_fork(self: _Worker, n: int, nfds: int) -> str | None:
-    "Why `n` candidates cannot start here (no file descriptors left, no room for `n` copies of scratch), or None."
+def _cannot_fork(self: _Worker, n: int, nfds: int, slots: bool = False) -> str | None:
+    "Why `n` candidates cannot start here (no file descriptors left, scratch too deep to copy, no room for `n` copies of it), or None."
     if nfds < n: return f'the worker has no free file descriptors for {n} candidates (the code keeps too many files open)'
-    used, files = _usage(self.home)
+    try: used, files = _usage(self.home)
+    except OSError as e:
+        return f'the scratch files cannot be copied for the candidates ({_why(e)}); delete them or reset() the sandbox'
+    if slots: return None  # each candidate has a disk of its own, as large as scratch
+
     st = os.statvfs(self.home); free = st.f_bavail * st.f_frsize
     if used * n <= free and files * n <= st.f_favail: return None
     return (f'{n} copies of the scratch files ({used / 2**20:.1f} MB, {files} files) do not fit in the {free / 2**20:.1f} MB '
             f"left of the scratch disk (disk_mb={self.cfg['disk_mb']}); delete files, run fewer candidates, or use a larger disk_mb")
 
 # %% ../nbs/03_sandbox.ipynb #b7a1c004
-def _remove(path: str, keep: str | None = None, prefix: str = ''):
-    "Delete the entries of directory `path` whose names start with `prefix`, except `keep` (never following symlinks)."
-    try: entries = list(os.scandir(path))
-    except OSError: return  # e.g. no file descriptor left: the next tidy catches up
-    for e in entries:
-        if e.name == keep or not e.name.startswith(prefix): continue
-        if e.is_dir(follow_symlinks=False): shutil.rmtree(e.path, ignore_errors=True)
-        else:
-            try: os.unlink(e.path)
+def _rmtree(name: str):
+    "Delete directory `name` (relative to the cwd) at any depth: no recursion and one descriptor, by walking down and up with chdir."
+    back, depth = os.open('.', os.O_RDONLY | os.O_DIRECTORY), 0
+    try:
+        os.chdir(name)
+        while depth >= 0:
+            with os.scandir('.') as it: e = next(it, None)
+            if e is None:   # empty: go up; the parent's next scan removes it
+                os.chdir('..'); depth -= 1; continue
+            if not e.is_dir(follow_symlinks=False): os.unlink(e.name); continue
+            try: os.rmdir(e.name)
+            except OSError as x:
+                if x.errno != errno.ENOTEMPTY: raise
+                os.chdir(e.name); depth += 1
+        os.fchdir(back); os.rmdir(name)
+    finally: os.fchdir(back); os.close(back)
+
+def _remove(path: str, keep: str | None = None, prefix: str = '') -> bool:
+    "Delete the entries of directory `path` whose names start with `prefix`, except `keep` (never following symlinks); whether all went."
+    try: back = os.open('.', os.O_RDONLY | os.O_DIRECTORY)
+    except OSError: return False  # e.g. no file descriptor left: the next tidy catches up
+    try:
+        os.chdir(path)
+        for e in list(os.scandir('.')):
+            if e.name == keep or not e.name.startswith(prefix): continue
+            try: _rmtree(e.name) if e.is_dir(follow_symlinks=False) else os.unlink(e.name)
             except OSError: pass
+        return not [n for n in os.listdir('.') if n != keep and n.startswith(prefix)]
+    except OSError: return False  # e.g. no file descriptor left: the next tidy catches up
+    finally: os.fchdir(back); os.close(back)
 
 def _why(e: BaseException) -> str:
     "The reason an OSError or shutil.Error gives, without the paths."
     if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list):
-        return '; '.join(sorted({re.sub(r":? '[^']*'", '', str(w[-1])) for w in e.args[0]}))[:200]
+        return '; '.join(sorted({re.sub(r":? ('[^']*'|`[^`]*`)", '', str(w[-1])) for w in e.args[0]}))[:200]
     return getattr(e, 'strerror', None) or type(e).__name__
+
+def _copy_tree(src: str, dst: str, made: bool = False):
+    "Copy the scratch files under `src` to directory `dst` (new unless `made`): directories, regular files and symlinks (no pipes, sockets or devices), without recursion."
+    if not made: os.mkdir(dst, 0o700)
+    for e in _tree(src):
+        to = os.path.join(dst, os.path.relpath(e.path, src))
+        if e.is_symlink(): os.symlink(os.readlink(e.path), to)
+        elif e.is_dir(follow_symlinks=False): os.mkdir(to, 0o700)
+        elif e.is_file(follow_symlinks=False): shutil.copyfile(e.path, to, follow_symlinks=False); shutil.copymode(e.path, to, follow_symlinks=False)
 
 @patch
 def _isolate(self: _Worker, name: str) -> str | None:
     "Copy the scratch files into `home/name`, move there and confine this process to it; an error text if that fails."
     d = os.path.join(self.home, name)
-    try: shutil.copytree(self.home, d, symlinks=True, ignore=shutil.ignore_patterns('.fork-*'))
+    try: _copy_tree(self.home, d, made=self.slots)
     except (OSError, shutil.Error) as e:
         return f'SandboxError: could not copy the scratch files for this candidate ({_why(e)})'
     os.chdir(d); self.home = d
@@ -745,6 +831,13 @@ def tidy(self: _Worker, keep: str | None = None, everything: bool = False):
     _remove(self.home, keep, '' if everything else '.fork-')
 
 @patch
+def bind(self: _Worker):
+    "After adoption: once reparented to the zygote, die with it (a forked candidate has no parent-death signal of its own)."
+    end = time.monotonic() + 2
+    while os.getppid() != self.cfg['zygote'] and time.monotonic() < end: time.sleep(0.001)  # the old worker is dying
+    _die_with(self.cfg['zygote'])
+
+@patch
 def serve(self: _Worker):
     "Answer requests until told to exit or the parent goes away."
     while True:
@@ -753,9 +846,11 @@ def serve(self: _Worker):
         op, nonce = msg.get('op'), msg.get('nonce')
         if op in ('run', 'fork'): self.tidy()
         if op == 'run': _send(self.sock, self.run(str(msg.get('code', '')), float(msg.get('cpu_s', 10)), nonce))
-        elif op == 'fork': self.fork(fds, list(msg.get('codes', [])), float(msg.get('cpu_s', 10)), int(msg.get('tag', 0)), nonce)
+        elif op == 'fork': self.fork(fds, list(msg.get('codes', [])), float(msg.get('cpu_s', 10)), int(msg.get('tag', 0)), nonce,
+                                     msg.get('slots') is True)
         elif op == 'tidy':
             self.tidy(msg.get('keep'), bool(msg.get('everything'))); _send(self.sock, {'type': 'tidied', 'nonce': nonce})
+        elif op == 'adopted': self.bind(); _send(self.sock, {'type': 'bound', 'nonce': nonce})
         elif op == 'exit': os._exit(0)
 
 # %% ../nbs/03_sandbox.ipynb #3a6eaffb
@@ -763,6 +858,7 @@ def _lockdown(cfg: dict) -> tuple[dict, _Guard]:
     "Confine this (worker) process; returns the protections report and the installed guard."
     layers, prot, scratch = set(cfg['layers']), {}, cfg['scratch']
     prot['rlimits'] = _set_rlimits(cfg) if 'rlimits' in layers else 'off: disabled'
+    if 'mountns' in layers: _try(_unshare, _CLONE_NEWIPC)  # no SysV object is shared with earlier workers (seccomp refuses them too)
     os.chdir(scratch)
     if 'no_new_privs' in layers: _prctl(_PR_SET_NO_NEW_PRIVS, 1); prot['no_new_privs'] = 'on'
     else: prot['no_new_privs'] = 'off: disabled'
@@ -778,7 +874,8 @@ def _lockdown(cfg: dict) -> tuple[dict, _Guard]:
     if 'audit_hook' in layers:
         sys.addaudithook(guard); prot['audit_hook'] = 'on: readable refusals of process, signal, network, ctypes, path use (a convenience, not a boundary)'
     else: prot['audit_hook'] = 'off: disabled'
-    if cfg.get('wipe'): _remove(scratch)
+    if cfg.get('wipe') and not _remove('.'):  # the cwd is scratch (a path from / may not be searchable without mountns)  # no scratch disk of its own to replace: delete, and fail closed
+        raise OSError(errno.ENOTEMPTY, 'the scratch directory could not be emptied for a new episode')
     return prot, guard
 
 def _die_with(parent: int):
@@ -847,12 +944,32 @@ def _exit_status(statuses: dict, pid: int, wait: float = 0.5) -> str:
     return statuses.get(pid, 'unknown')
 
 # %% ../nbs/03_sandbox.ipynb #fe1d7ed9
-def _zygote_serve(ctl, cfg: dict, msg: dict, fds: list, statuses: dict, groups: set):
+def _zygote_slots(ctl, cfg: dict, msg: dict, slots: set):
+    "Mount one disk per candidate (`op: slots`, all or none) or detach them (`op: unslot`)."
+    try: paths = [_slot_dir(cfg, slots, msg.get('home'), n) for n in msg.get('names', [])]
+    except ValueError as e: return _send(ctl, {'type': 'error', 'error': str(e)})
+    if msg['op'] == 'unslot':
+        for p in paths: _drop_slot(p); slots.discard(p)
+        return _send(ctl, {'type': 'unslotted'})
+    made = []
+    try:
+        for p in paths: _make_slot(p, cfg); made.append(p)
+    except OSError as e:
+        for p in made: _drop_slot(p)
+        return _send(ctl, {'type': 'error', 'error': f'no disks for the candidates: {e}'})
+    slots.update(made); _send(ctl, {'type': 'slotted'})
+
+def _zygote_serve(ctl, cfg: dict, msg: dict, fds: list, statuses: dict, groups: set, slots: set):
     "Answer one request of the parent."
-    if msg.get('op') == 'spawn':
+    if msg.get('op') in ('slots', 'unslot') and cfg.get('slots'): _zygote_slots(ctl, cfg, msg, slots)
+    elif msg.get('op') == 'spawn':
+        wipe = msg.get('wipe') is True
+        if wipe and cfg.get('scratch_mount'):  # a new disk, not a deletion that deep or odd files can defeat
+            try: _fresh_scratch(cfg); wipe = False; slots.clear()
+            except OSError as e: return _send(ctl, {'type': 'error', 'error': f'could not give the worker an empty scratch disk: {e}'})
         pid = os.fork()
         if pid == 0:
-            ctl.close(); _worker_main(fds[0], {**cfg, 'wipe': msg.get('wipe', False)})
+            ctl.close(); _worker_main(fds[0], {**cfg, 'wipe': wipe})
         groups.add(pid)
         _send(ctl, {'type': 'spawned', 'pid': pid})
     elif msg.get('op') == 'status': _send(ctl, {'type': 'status', 'status': _exit_status(statuses, msg['pid'])})
@@ -862,14 +979,16 @@ def _zygote_main():
     cfg = json.loads(sys.argv[1])
     ctl = socket.socket(fileno=cfg['ctl_fd'])
     try:
+        cg = {k: os.open(f, os.O_RDWR | os.O_CLOEXEC) for k, f in cfg['cgroup_files'].items() if f}  # before pivoting
         _preload(cfg['imports'])
         cfg['vm_base_kb'], cfg['zygote'] = _vm_size_kb(), os.getpid()
         prot = _isolate_zygote(cfg)
         _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     except BaseException as e:
         _send(ctl, {'type': 'fatal', 'error': ''.join(traceback.format_exception(e))}); os._exit(1)
-    _send(ctl, {'type': 'ready', 'pid': os.getpid(), 'protections': prot})
-    statuses, groups = {}, set()
+    cfg['slots'] = bool(cfg.get('scratch_mount')) and os.getuid() == 0  # root owns the mount points: the sandbox cannot swap them
+    _send(ctl, {'type': 'ready', 'pid': os.getpid(), 'protections': prot, 'slots': cfg['slots']})
+    statuses, groups, slots = {}, set(), set()
     while True:
         try:
             _reap(statuses)
@@ -879,17 +998,36 @@ def _zygote_main():
         except Exception: traceback.print_exc(); continue   # to zygote.log; the zygote itself must not end
         try:
             if msg.get('op') == 'exit': break
-            _zygote_serve(ctl, cfg, msg, fds, statuses, groups)
+            _zygote_serve(ctl, cfg, msg, fds, statuses, groups, slots)
         except Exception: traceback.print_exc()
         finally:
             for fd in fds: os.close(fd)
-    _zygote_exit(groups, statuses)
+    _zygote_exit(groups, statuses, cg)
 
 # %% ../nbs/03_sandbox.ipynb #b7a1c013
-def _zygote_exit(groups: set, statuses: dict):
-    "Kill every worker's process group whose leader is unreaped (so its id cannot have been reused), reap, exit."
+def _kill_cgroup(cg: dict):
+    "Thaw and SIGKILL every process of the sandbox's cgroup (files opened before pivoting), until none is left."
+    if 'freezer' in cg: os.pwrite(cg['freezer'], b'THAWED', 0)  # frozen processes do not die (cgroup v1)
+    for _ in range(200):
+        listed = lambda: {int(p) for p in os.pread(cg['procs'], 1 << 20, 0).split()}
+        pids = listed()
+        if not pids: return
+        fds = {p: fd for p in pids if (fd := _pidfd(p)) is not None}  # pinned, then checked: never a reused id
+        ours = listed()
+        for p, fd in fds.items():
+            try:
+                if p in ours: signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except OSError: pass
+            finally: os.close(fd)
+        time.sleep(0.005)
+
+def _zygote_exit(groups: set, statuses: dict, cg: dict):
+    "Kill every process of the sandbox (its cgroup, and each worker's process group whose leader is unreaped), reap, exit."
     for g in groups - statuses.keys():
         try: os.killpg(g, signal.SIGKILL)
+        except OSError: pass
+    if 'procs' in cg:
+        try: _kill_cgroup(cg)
         except OSError: pass
     end = time.monotonic() + 2
     while time.monotonic() < end:  # reap what we killed, so no zombie is left to an init that does not reap
@@ -902,24 +1040,41 @@ def _zygote_exit(groups: set, statuses: dict):
 _CGROUP_V1 = Path('/sys/fs/cgroup')
 
 class _Cgroup:
-    "Memory and process caps for one sandbox's whole process tree (cgroup v1), or the reason there are none."
+    "Memory and process caps for one sandbox's whole process tree (cgroup v1), a freezer for it, or the reason there are none."
     def __init__(self, name: str, memory_mb: int, max_procs: int):
-        self.dirs, self.status = [], 'off: no writable cgroup v1 memory and pids hierarchies'
+        self.dirs, self.freezer, self.status = [], None, 'off: no writable cgroup v1 memory and pids hierarchies'
         if os.getuid() != 0 or not (_CGROUP_V1/'memory'/'memory.limit_in_bytes').exists() or not (_CGROUP_V1/'pids').is_dir(): return
+        has_freezer = (_CGROUP_V1/'freezer').is_dir()
         try:
-            for ctrl, f, v in (('memory', 'memory.limit_in_bytes', memory_mb << 20), ('pids', 'pids.max', max_procs)):
-                d = _CGROUP_V1/ctrl/name; d.mkdir(exist_ok=True); self.dirs.append(d); (d/f).write_text(str(v))
-            self.status = f'on: {memory_mb} MB and {max_procs} processes for the whole sandbox'
+            for ctrl, f, v in (('memory', 'memory.limit_in_bytes', memory_mb << 20), ('freezer', None, None),
+                               ('pids', 'pids.max', max_procs)):  # pids last: procs() reads it
+                if ctrl == 'freezer' and not has_freezer: continue
+                d = _CGROUP_V1/ctrl/name; d.mkdir(exist_ok=True); self.dirs.append(d)
+                if f: (d/f).write_text(str(v))
+                else: self.freezer = d/'freezer.state'
+            frozen = ', frozen between requests' if self.freezer else ''
+            self.status = f'on: {memory_mb} MB and {max_procs} processes for the whole sandbox{frozen}'
         except OSError as e: self.remove(); self.status = f'off: {e}'
 
     def add(self, pid: int):
         for d in self.dirs: (d/'cgroup.procs').write_text(str(pid))
+
+    def files(self) -> dict:
+        "The files the zygote keeps open to end the sandbox's processes when it exits."
+        return {'procs': str(self.dirs[-1]/'cgroup.procs'), 'freezer': str(self.freezer or '')} if self.dirs else {}
+
+    def freeze(self, on: bool):
+        "Stop (or resume) every process of the sandbox: nothing it started runs between requests."
+        if self.freezer is not None and self.dirs:
+            try: self.freezer.write_text('FROZEN' if on else 'THAWED')
+            except OSError: pass
 
     def procs(self) -> set[int]:
         "The pids in this cgroup."
         return {int(p) for p in (self.dirs[-1]/'cgroup.procs').read_text().split()}
 
     def remove(self):
+        self.freeze(False)
         for d in self.dirs:
             for _ in range(100):  # killed processes take a moment to leave
                 try: d.rmdir(); break
@@ -982,11 +1137,22 @@ class _Procs:
 
     def sweep(self, keep=()):
         "Kill every process of this sandbox except `keep`, looking again until no new one shows up (forks made meanwhile)."
+        if self.cgroup is not None: self.cgroup.freeze(False)  # a frozen process does not die of SIGKILL (cgroup v1)
         done = set(keep)
         for _ in range(100):
             victims = self.members() - done
-            if not victims: return
+            if not victims: break
             self.kill(victims); done |= victims
+        end = time.monotonic() + 1  # gone before the next freeze, which would stop a killed process short of dying
+        while self.members() - set(keep) and time.monotonic() < end: time.sleep(0.002)
+
+    @contextlib.contextmanager
+    def awake(self):
+        "Inside this block the sandbox's processes run; outside it they are frozen (with a freezer cgroup)."
+        if self.cgroup is not None: self.cgroup.freeze(False)
+        try: yield
+        finally:
+            if self.cgroup is not None: self.cgroup.freeze(True)
 
     def close(self):
         self.sweep()
@@ -1044,7 +1210,7 @@ class Sandbox:
             self._procs.cgroup = _Cgroup(base.name, tree_memory_mb or max(4 * memory_mb, 2048), max_procs)
         self._finalizer = weakref.finalize(self, self._procs.close)
         self._lock, self._sock, self._reader, self._pid, self._kept, self._nspawn, self._nfork = threading.RLock(), None, None, None, {}, 0, 0
-        self._zprot, self._wprot, self._wipe = None, {}, False
+        self._zprot, self._wprot, self._wipe, self._zslots, self._home, self._slotted = None, {}, False, False, [], set()
         self._start_zygote()
 
     def __enter__(self): return self
@@ -1060,7 +1226,8 @@ def _start_zygote(self: Sandbox):
                memory_mb=self.memory_mb, disk_mb=self.disk_mb, max_files=self.max_files, max_procs=self.max_procs,
                max_output=self.max_output, imports=list(self.imports), layers=list(self.layers),
                tools={n: (getattr(f, '__doc__', None) or '') for n, f in self.tools.items()},
-               cgroup_pids=bool(self._procs.cgroup and self._procs.cgroup.dirs))
+               cgroup_pids=bool(self._procs.cgroup and self._procs.cgroup.dirs), cpu_budget=int(max(3600, 100 * self.timeout)),
+               cgroup_files=self._procs.cgroup.files() if self._procs.cgroup is not None else {})
     pkg_parent = str(Path(__file__).resolve().parents[1]) if '__file__' in globals() else ''
     boot = ('import sys; sys.path.append(sys.argv[2]); '
             'from agent_distillation.sandbox import _zygote_main; _zygote_main()')
@@ -1082,7 +1249,7 @@ def _zygote_ready(self: Sandbox, timeout: float = 120):
         log = (self._procs.base/'zygote.log').read_text(errors='replace')[-3000:]
         raise RuntimeError(f'sandbox zygote failed to start: {e}\n{log}') from None
     if msg.get('type') != 'ready': raise RuntimeError(f"sandbox zygote failed to start:\n{msg.get('error')}")
-    self._zprot = msg['protections']
+    self._zprot, self._zslots = msg['protections'], msg.get('slots') is True
 
 # %% ../nbs/03_sandbox.ipynb #4396647e
 @patch
@@ -1097,15 +1264,17 @@ def _zygote_call(self: Sandbox, msg: dict, fds=(), timeout: float = 30) -> dict:
 def _spawn_worker(self: Sandbox, wipe: bool):
     "Ask the zygote for a fresh worker (empty namespace) and wait for its hello."
     ours, theirs = socket.socketpair()
-    try: pid = self._zygote_call({'op': 'spawn', 'wipe': wipe}, [theirs.fileno()])['pid']
+    try: reply = self._zygote_call({'op': 'spawn', 'wipe': wipe}, [theirs.fileno()])
     finally: theirs.close()
+    if reply.get('type') != 'spawned': ours.close(); raise RuntimeError(f"sandbox worker failed to start: {reply.get('error')}")
+    pid = reply['pid']
     self._procs.sids.add(pid)  # the worker starts its own session, which everything it forks stays in
     reader = _Reader(ours)
     try: hello = reader.next(time.monotonic() + 30)
     except (SandboxDied, OSError) as e: hello = {'error': str(e)}
     if hello.get('type') != 'hello':
         ours.close(); raise RuntimeError(f"sandbox worker failed to start:\n{_clip(str(hello.get('error')), 3000)}")
-    self._sock, self._reader, self._pid = ours, reader, pid
+    self._sock, self._reader, self._pid, self._home, self._slotted = ours, reader, pid, [], set()  # a new worker lives in scratch itself
     self._nspawn += 1
     if self._procs.cgroup is not None and self._procs.cgroup.dirs: self._procs.cgroup.add(pid)  # before it runs any code
     prot = hello.get('protections')
@@ -1149,6 +1318,7 @@ def _kill_worker(self: Sandbox) -> str | None:
     self._kept = {}
     if self._sock is not None: self._sock.close()
     self._procs.sweep()
+    if self._procs.zygote.poll() is None: self._slots('unslot', list(self._slotted))
     status = None
     if self._pid is not None:
         try: status = self._zygote_call({'op': 'status', 'pid': self._pid}, timeout=5).get('status')
@@ -1169,7 +1339,7 @@ def _ensure_worker(self: Sandbox) -> bool:
 @patch(as_prop=True)
 def protections(self: Sandbox) -> Protections:
     "Which layers are active, as reported by the zygote and the current worker."
-    with self._lock:
+    with self._lock, self._procs.awake():
         self._ensure_worker()
         cg = self._procs.cgroup.status if self._procs.cgroup is not None else 'off: disabled'
         p = {'process': 'on: separate CPython worker forked from a clean-environment zygote', 'cgroup': cg, **self._zprot, **self._wprot}
@@ -1211,8 +1381,9 @@ def _serve(self: Sandbox, deadline: float, hard: float, nonce: str) -> dict:
 _SURROGATES = re.compile('[\ud800-\udfff]')
 
 def _clean(x, depth: int = 0):
-    "JSON data from the worker made safe to pass on: lone surrogates replaced (valid UTF-8), nesting cut at 20 levels."
+    "JSON data from the worker made safe to pass on: strict JSON (NaN and infinities as strings), valid UTF-8 (lone surrogates replaced), nesting cut at 20 levels."
     if isinstance(x, str): return _SURROGATES.sub('\ufffd', x)
+    if isinstance(x, float) and not math.isfinite(x): return str(x)  # 'nan', 'inf', '-inf': json.dumps would write NaN, Infinity
     if isinstance(x, list): return [_clean(v, depth + 1) for v in x] if depth < 20 else '[...]'
     if isinstance(x, dict): return {_clean(k): _clean(v, depth + 1) for k, v in x.items()} if depth < 20 else '{...}'
     return x
@@ -1248,7 +1419,7 @@ def run(self: Sandbox, code: str,       # Python source written by the model
         timeout: float | None = None    # wall-clock limit for this run (default: the sandbox's)
        ) -> ExecResult:
     "Execute `code` in the persistent worker and return what it printed, raised or answered."
-    with self._lock:
+    with self._lock, self._procs.awake():
         t0, timeout = time.monotonic(), timeout or self.timeout
         try: restarted = self._ensure_worker()
         except _StartFailed as e: return ExecResult(error=f'SandboxError: {e}', restarted=True, duration=time.monotonic() - t0)
@@ -1281,8 +1452,20 @@ def _discard_kept(self: Sandbox):
     "Kill candidates kept by `fork_run(keep=True)` that were not adopted (and anything they started)."
     if not self._kept: return
     for c in self._kept.values(): c.sock.close()
-    self._kept = {}
+    dirs, self._kept = [c.dir for c in self._kept.values()], {}
     self._procs.sweep(keep={self._pid})
+    self._slots('unslot', dirs)
+
+@patch
+def _slots(self: Sandbox, op: str, names: list[str]) -> bool:
+    "Ask the zygote to mount a disk for each candidate in `names` (`op='slots'`) or to detach them (`'unslot'`); whether it did."
+    names = [n for n in names if n in self._slotted] if op == 'unslot' else names
+    if not self._zslots or not names: return False
+    try: ok = self._zygote_call({'op': op, 'home': self._home, 'names': names}, timeout=10).get('type') in ('slotted', 'unslotted')
+    except (SandboxDied, OSError): ok = False
+    if op == 'slots' and ok: self._slotted.update(names)
+    if op == 'unslot': self._slotted.difference_update(names)
+    return ok
 
 @patch
 def _fork(self: Sandbox, codes: list[str], cpu_s: float, deadline: float) -> tuple[list, str | None]:
@@ -1290,9 +1473,9 @@ def _fork(self: Sandbox, codes: list[str], cpu_s: float, deadline: float) -> tup
     pairs, self._nfork = [socket.socketpair() for _ in codes], self._nfork + 1
     try:
         cands = [_Candidate(a, _Reader(a), f'.fork-{self._nfork}-{i}') for i, (a, _) in enumerate(pairs)]
-        nonce = secrets.token_hex(8)
-        _send_by(self._sock, {'op': 'fork', 'codes': list(codes), 'cpu_s': cpu_s, 'tag': self._nfork, 'nonce': nonce},
-                 deadline, [b.fileno() for _, b in pairs])
+        nonce, slots = secrets.token_hex(8), self._slots('slots', [c.dir for c in cands])
+        _send_by(self._sock, {'op': 'fork', 'codes': list(codes), 'cpu_s': cpu_s, 'tag': self._nfork, 'nonce': nonce,
+                              'slots': slots}, deadline, [b.fileno() for _, b in pairs])
         reply = self._reader.next(deadline)
     finally:
         for _, b in pairs: b.close()
@@ -1339,7 +1522,8 @@ def _collect(self: Sandbox, cands: list, timeout: float, deadline: float, hard: 
                 while c.reader.msgs and results[i] is None:
                     out = self._candidate_message(c, c.reader.msgs.pop(0), deadlines[i], memo)
                     if isinstance(out, ExecResult): finish(i, out)
-                    else: deadlines[i] = min(deadlines[i] + out, hard)
+                    else:  # tools are served one at a time: the time one took is given to every candidate still running
+                        for j in range(len(deadlines)): deadlines[j] = min(deadlines[j] + out, hard)
             except Exception as e:
                 self._procs.kill([c.pid] if c.checked else []); finish(i, ExecResult(error=_died_error(_describe(e))))
     return results
@@ -1352,6 +1536,7 @@ def _settle(self: Sandbox, cands: list, results: list, keep: bool):
         if keep and c.checked and not r.timed_out and not (r.error or '').startswith('SandboxError'): self._kept[i] = c
         else: c.sock.close()
     self._procs.sweep(keep={self._pid, *(c.pid for c in self._kept.values())})
+    self._slots('unslot', [c.dir for i, c in enumerate(cands) if i not in self._kept])
     if not keep and not self._tidy(): self._kill_worker()  # replaced at the next run, which says so
 
 @patch
@@ -1371,7 +1556,7 @@ def fork_run(self: Sandbox, codes: list[str],   # candidate actions, each run fr
              share_tools: bool = True           # answer identical tool calls once (right for pure tools like retrieval)
             ) -> list[ExecResult]:
     "Run each candidate in a fork of the current worker; the sandbox's own state is left unchanged."
-    with self._lock:
+    with self._lock, self._procs.awake():
         t0, timeout = time.monotonic(), timeout or self.timeout
         try: restarted = self._ensure_worker()
         except _StartFailed as e: return [ExecResult(error=f'SandboxError: {e}', restarted=True) for _ in codes]
@@ -1394,21 +1579,34 @@ def fork_run(self: Sandbox, codes: list[str],   # candidate actions, each run fr
 @patch
 def adopt(self: Sandbox, i: int):
     "Make kept candidate `i` (from `fork_run(..., keep=True)`) the sandbox's worker; the other candidates are killed."
-    with self._lock:
+    with self._lock, self._procs.awake():
         if i not in self._kept: raise ValueError(f'candidate {i} is not available: use fork_run(..., keep=True) and adopt '
                                                  'before the next run (timed-out or crashed candidates cannot be adopted)')
         c = self._kept.pop(i)
         for other in self._kept.values(): other.sock.close()
-        self._kept = {}
+        losers, self._kept = [o.dir for o in self._kept.values()], {}
         self._tidy(keep=c.dir, everything=True)  # the old worker deletes all files but the winner's copy
         self._sock.close()
         self._sock, self._reader, self._pid = c.sock, c.reader, c.pid
         self._procs.sweep(keep={self._pid})  # the old worker, the losers, and anything they started
+        self._slots('unslot', losers)
+        if c.dir in self._slotted: self._home, self._slotted = self._home + [c.dir], set()  # its disk is now the worker's
+        if not self._bind(): self._kill_worker()  # the next run starts a new worker and says so
+
+@patch
+def _bind(self: Sandbox) -> bool:
+    "Have an adopted worker die with the zygote (so nothing outlives a crash of the host); False if it does not confirm."
+    try:
+        nonce = secrets.token_hex(8)
+        _send_by(self._sock, {'op': 'adopted', 'nonce': nonce}, time.monotonic() + 5)
+        reply = self._reader.next(time.monotonic() + 5)
+        return reply.get('type') == 'bound' and reply.get('nonce') == nonce
+    except Exception: return False
 
 @patch
 def reset(self: Sandbox):
     "Start from an empty namespace and an empty scratch directory (e.g. for a new question)."
-    with self._lock:
+    with self._lock, self._procs.awake():
         self._kill_worker()
         try: self._spawn(wipe=True)
         except _StartFailed: self._wipe = True  # the next run tries again, and still starts from empty scratch

@@ -753,10 +753,15 @@ def test_worker_killed_by_an_unnamed_signal_keeps_the_sandbox():
         s.reset(); assert usable(s)
 
 
+def thaw(s):
+    "Let the sandbox's processes run (they are frozen between requests, and a frozen process dies only once thawed)."
+    if hasattr(s._procs.cgroup, 'freeze'): s._procs.cgroup.freeze(False)
+
+
 def test_zygote_death_is_survived(sb):
     "If the zygote dies, its worker dies with it (PR_SET_PDEATHSIG, set after the uid change) and a new zygote takes over."
     sb.run('x = 1'); worker = sb._pid
-    z = sb._procs.zygote; os.kill(z.pid, signal.SIGKILL); z.wait()
+    z = sb._procs.zygote; os.kill(z.pid, signal.SIGKILL); z.wait(); thaw(sb)
     assert gone_soon(worker), 'the worker outlived its zygote'
     r = sb.run('print(2)')
     assert r.output == '2\n' and r.restarted, r
@@ -880,12 +885,14 @@ def test_sibling_isolation_past_the_landlock_layer_limit(fresh):
 
 
 def test_full_scratch_gives_a_clear_fork_error():
-    "Candidates copy the scratch files: when N copies cannot fit, fork_run says so (disk_mb, N), without host paths."
+    "Candidates copy the scratch files: on disks of their own each gets a copy; sharing scratch, when N copies cannot fit, fork_run says so (disk_mb, N), without host paths."
     with Sandbox(timeout=TIMEOUT, disk_mb=16) as s:
         s.run("open('big', 'wb').write(b'x' * (10 << 20))\nkeep = 1")
-        rs = s.fork_run(['1', '2'])
-        assert all(r.error and 'disk_mb=16' in r.error and '2 copies' in r.error for r in rs), rs
-        assert all(str(s.scratch) not in r.error for r in rs)
+        rs = s.fork_run(["final_answer(len(open('big', 'rb').read()))"] * 2)
+        if getattr(s, '_zslots', False): assert [r.final_answer for r in rs] == [10 << 20] * 2, rs
+        else:
+            assert all(r.error and 'disk_mb=16' in r.error and '2 copies' in r.error for r in rs), rs
+            assert all(str(s.scratch) not in r.error for r in rs)
         r = s.run('keep')
         assert r.output == '1\n' and not r.restarted
 
@@ -919,3 +926,174 @@ def test_audit_hook_flags_are_reset_each_step(sb):
     r = sb.run(ESC + "os.kill(os.getpid(), 0)")
     assert 'blocked by the sandbox: os.kill' in r.error, r
     sb.reset()
+
+
+# Third round (second red team): the episode boundary, IPC, a host crash, sibling disks and tools, code after run
+
+NOTE_DEEP = ESC + ("home = os.open('.', os.O_RDONLY)\nos.mkdir('k'); os.chdir('k')\nfor i in range({depth}): os.mkdir('a'); os.chdir('a')\n"
+                   "open('note.txt', 'w').write('episode 1 says 1234')\nos.fchdir(home); os.close(home)\nprint('planted')")
+FIND_NOTE = ESC + "p = 'k'\nwhile os.path.isdir(p + '/a'): p += '/a'\nprint(os.path.exists(p + '/note.txt'), os.listdir('.'))"
+
+
+@pytest.mark.parametrize('layers', ['all', 'no_mountns'])
+def test_reset_forgets_deep_trees(layers):
+    "A 300-deep directory (more levels than the worker has file descriptors) is gone after reset(), with or without a scratch disk to replace."
+    keep = [l for l in LAYERS if l != 'audit_hook' and (layers == 'all' or l != 'mountns')]
+    with Sandbox(timeout=20, layers=keep) as s:
+        assert s.run(NOTE_DEEP.format(depth=300)).output == 'planted\n'
+        s.reset()
+        r = s.run(FIND_NOTE)
+        assert r.output == 'False []\n', r
+        if layers == 'all':
+            st = s.run(ESC + "st = os.statvfs('.'); print(st.f_bfree == st.f_blocks, st.f_ffree + 1 == st.f_files)")
+            assert st.output == 'True True\n', st
+
+
+def test_deep_tree_gives_a_clear_fork_error_and_keeps_the_worker(fresh):
+    "Directories nested past the copy limit make fork_run say so; the worker and its variables stay; reset() clears it."
+    r = fresh.run("keep = 7\n" + NOTE_DEEP.format(depth=1010))
+    assert r.output == 'planted\n', r
+    rs = fresh.fork_run(['final_answer(1)', 'final_answer(2)'])
+    assert all(x.error and 'nested deeper' in x.error and 'reset()' in x.error for x in rs), rs
+    assert all(str(fresh.scratch) not in x.error for x in rs)
+    r = fresh.run('keep')
+    assert r.output == '7\n' and not r.restarted, r
+    fresh.reset()
+    assert [x.final_answer for x in fresh.fork_run(['final_answer(1)', 'final_answer(2)'])] == [1, 2]
+
+
+def test_pipes_in_scratch_do_not_break_fork_run(sb):
+    sb.reset()
+    assert sb.run(ESC + "os.mkfifo('pipe')\nprint(os.listdir('.'))").output == "['pipe']\n"
+    rs = sb.fork_run(['final_answer(1)', "import random\nfinal_answer(random._os.listdir('.'))"])
+    assert [r.final_answer for r in rs] == [1, []] and not any(r.error for r in rs), rs
+    sb.reset()
+
+
+def test_working_directory_is_restored_each_step(sb):
+    sb.reset()
+    home = sb.run(ESC + 'print(os.getcwd())').output
+    r = sb.run(ESC + "os.chdir('/usr')\nprint(os.getcwd())")
+    assert r.output == '/usr\n', r
+    assert sb.run(ESC + 'print(os.getcwd())').output == home
+    r = sb.run("open('notes.txt', 'w').write('x')")
+    assert r.error is None, r
+
+
+@pytest.mark.parametrize('nr,args', [(29, '0x1234, 4096, 0o1000 | 0o600'), (64, '0x1234, 1, 0o1000 | 0o600'),
+                                     (68, '0x1234, 0o1000 | 0o600'), (240, "b'/q', 0o100 | 2, 0o600, None")],
+                         ids=['shmget', 'semget', 'msgget', 'mq_open'])
+def test_ipc_is_refused(fresh, nr, args):
+    "SysV shared memory, semaphores and message queues and POSIX queues: no object that outlives a step, a worker or an episode."
+    r = fresh.run(ESC + f"ct = imp('ctypes')\nlibc = ct.CDLL(None, use_errno=True)\n"
+                        f"print(libc.syscall({nr}, {args}), ct.get_errno())")
+    assert r.output == '-1 1\n', r   # EPERM
+
+
+def test_shared_memory_does_not_cross_episodes():
+    "With seccomp off, the IPC namespace alone keeps a SysV segment of one episode from the next (two layers, not one)."
+    get = ESC + "ct = imp('ctypes')\nlibc = ct.CDLL(None, use_errno=True)\nprint(libc.syscall(29, 0x1234, {}) >= 0)"
+    with Sandbox(timeout=TIMEOUT, layers=[l for l in LAYERS if l not in ('seccomp', 'audit_hook')]) as s:
+        assert s.run(get.format('4096, 0o1000 | 0o600')).output == 'True\n'
+        assert s.run(get.format('0, 0')).output == 'True\n'   # the same worker sees its segment
+        s.reset()
+        r = s.run(get.format('0, 0'))
+        assert r.output == 'False\n', r
+
+
+CRASHED_HOST = '''
+from agent_distillation.sandbox import Sandbox
+s = Sandbox(timeout=60)
+s.fork_run(['x = 1'], keep=True); s.adopt(0)
+print(s._pid, s._procs.zygote.pid, flush=True)
+s.run('import time\\ntime.sleep(30)')
+'''
+
+
+def test_nothing_outlives_a_host_crash_after_adopt():
+    "The adopted worker is a former candidate: killed with the zygote when the host dies mid-step, not left to init."
+    p = subprocess.Popen([os.sys.executable, '-c', CRASHED_HOST], stdout=subprocess.PIPE, text=True)
+    pids = [int(x) for x in p.stdout.readline().split()]
+    try:
+        assert len(pids) == 2
+        time.sleep(1); p.kill(); p.wait()
+        end = time.monotonic() + 5
+        while not all(gone(q) for q in pids) and time.monotonic() < end: time.sleep(0.05)
+        assert all(gone(q) for q in pids), [(q, gone(q)) for q in pids]
+    finally:
+        for q in pids:
+            try: os.kill(q, signal.SIGKILL)
+            except OSError: pass
+
+
+def test_adopted_worker_dies_with_the_zygote():
+    with Sandbox(timeout=TIMEOUT) as s:
+        s.fork_run(['x = 1'], keep=True); s.adopt(0)
+        pid = s._pid
+        s._procs.zygote.kill(); thaw(s)
+        end = time.monotonic() + 3
+        while not gone(pid) and time.monotonic() < end: time.sleep(0.02)
+        try: assert gone(pid)
+        finally:
+            if not gone(pid): os.kill(pid, signal.SIGKILL)
+        assert s.run('print(2)').output == '2\n'
+
+
+def test_candidates_have_disks_of_their_own():
+    "One candidate that fills its disk (bytes, then files) takes nothing from its siblings, who write and answer."
+    hog = ("f = open('big', 'wb')\ntry:\n    while True: f.write(b'z' * (1 << 20)); f.flush()\nexcept OSError: pass\n"
+           "n = 0\ntry:\n    while True: open(f'h{n}', 'w').close(); n += 1\nexcept OSError: pass\n"
+           "import time\ntime.sleep(1.5)\nfinal_answer('HOG')")
+    honest = ("import time\ntime.sleep(1)\nopen('mine.txt', 'w').write('y' * (1 << 20))\n"
+              "for i in range(10): open(f'm{i}', 'w').close()\nfinal_answer(open('notes.txt').read())")
+    with Sandbox(timeout=8, disk_mb=8, max_files=64) as s:
+        s.run("open('notes.txt', 'w').write('n')")
+        rs = s.fork_run([hog, honest, honest])
+        assert [r.final_answer for r in rs] == ['HOG', 'n', 'n'], rs
+        rs = s.fork_run([honest, honest])   # the hog's disk went with it
+        assert [r.final_answer for r in rs] == ['n', 'n'], rs
+
+
+def test_one_slow_tool_call_times_out_no_sibling():
+    "Tools are served one at a time: a candidate's long call must not use up its siblings' time."
+    def retrieve(query: str) -> list:
+        "Takes 10 us per character of the query (as a term-by-term retriever grows with the query)."
+        time.sleep(min(len(query) * 1e-5, 5)); return [query[:5]]
+    with Sandbox(tools=[retrieve], timeout=2) as s:
+        hog = "retrieve('x' * 250_000)\nfinal_answer('HOG')"
+        honest = "import time\ntime.sleep(0.3)\nfinal_answer(retrieve('Paris')[0])"
+        rs = s.fork_run([hog, honest, honest], share_tools=False)
+        assert [r.final_answer for r in rs] == ['HOG', 'Paris', 'Paris'], rs
+
+
+def test_cpu_time_has_a_hard_limit(sb):
+    r = sb.run(ESC + "res = imp('resource')\nprint(res.getrlimit(res.RLIMIT_CPU)[1] != res.RLIM_INFINITY)")
+    assert r.output == 'True\n', r
+
+
+ANSWER_THEN_SPIN = ESC + ("f = sys._getframe()\nwhile not {'self', 'nonce'} <= f.f_locals.keys(): f = f.f_back\n"
+                          "w = f.f_locals['self']; g = type(w).serve.__globals__\n"
+                          "g['_send'](w.sock, {'type': 'result', 'nonce': f.f_locals['nonce'], 'output': 'early\\n', 'error': None, "
+                          "'is_final': False, 'final_answer': None})\n"
+                          "res = g['resource']; res.setrlimit(res.RLIMIT_CPU, (res.getrlimit(res.RLIMIT_CPU)[1],) * 2)\nwhile True: pass")
+
+
+def cpu_seconds(pid) -> float:
+    st = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()
+    return (int(st[11]) + int(st[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def test_code_burns_no_cpu_after_run_returns(fresh):
+    "A step that answers for itself and keeps running is stopped between requests (frozen): no CPU is spent after run returns."
+    r = fresh.run(ANSWER_THEN_SPIN)
+    assert r.output == 'early\n', r   # what remains possible: a step can end its own run (see the notebook)
+    pid, c0 = fresh._pid, cpu_seconds(fresh._pid)
+    time.sleep(2)
+    assert cpu_seconds(pid) - c0 < 0.05, cpu_seconds(pid) - c0
+    r = fresh.run('print(1)')
+    assert r.restarted and usable(fresh), r   # the spinning worker never takes the next request: replaced
+
+
+def test_final_answers_are_strict_json(sb):
+    r = sb.run("final_answer({'x': float('nan'), 'y': [float('inf'), -float('inf')]})")
+    assert json.loads(json.dumps(r.final_answer, allow_nan=False)) == {'x': 'nan', 'y': ['inf', '-inf']}, r
