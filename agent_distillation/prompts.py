@@ -169,7 +169,7 @@ def cot_messages(question: str, domain: str = 'fact', context: str | None = None
     user = question.strip() if context is None else f"Passages:\n{context.strip()}\n\nQuestion: {question.strip()}"
     return [{'role': 'system', 'content': COT_SYSTEM[domain]}, {'role': 'user', 'content': user}]
 
-# %% ../nbs/05_prompts.ipynb #e922bee5
+# %% ../nbs/05_prompts.ipynb #3c3fb8e5
 def _strip_answer(cot_text: str) -> str:
     "A CoT reply without its answer tag and a leading 'Thought:'/'Step 1:'."
     text = re.sub(r'<answer>.*?(</answer>|$)', '', cot_text or '', flags=re.S)
