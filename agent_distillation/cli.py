@@ -291,8 +291,8 @@ def reproduce(profile: str = 'quick',                  # 'quick': every stage on
     t = evaluate('agent_distill,agent_distill_sag,cot_distill', 'world,gsm_hard', P['n'], str(out/'results.jsonl'), base, adapter,
                  cot_adapter, sag_n=P['sag_n'], plot=True, seed=seed)
     print(f"\ndone in {(time.time() - t0) / 60:.1f} min. {P['n']} questions per benchmark: a 95 % interval is about ±25 points "
-          "wide. The full CPU table (world-test 200+, GSM-Hard 100+, MATH500 100+, both student sizes, the teacher, every "
-          "Table 2 row, with intervals) is nbs/20_reproduce.ipynb.")
+          "wide. The full CPU scale (hours) adds the teacher's data generation, students trained for whole epochs, and every "
+          "Table 2 row on 200+ world-test, 100+ GSM-Hard and 100+ MATH500 questions with intervals.")
     return t
 
 # %% ../nbs/12_cli.ipynb #5e58e931
