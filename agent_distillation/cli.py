@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, sys, time
 from pathlib import Path
 from fastcore.script import anno_parser
-from .core import seed_everything, read_jsonl
+from .core import seed_everything, read_jsonl, load_json
 
 # %% auto #0
 __all__ = ['DEFAULT_STUDENT', 'METHODS', 'PROFILES', 'COMMANDS', 'resolve_adapter', 'load_lm', 'make_retriever',
@@ -31,7 +31,8 @@ def resolve_adapter(adapter: str | None  # a LoRA run folder, relative paths als
     for p in (Path(adapter), _repo_root()/adapter):
         if (p/'adapter_config.json').exists():
             if (p/'adapter_model.safetensors').exists(): return p
-            regen = (p/'README.md').read_text().split('```')[1].strip() if (p/'README.md').exists() and '```' in (p/'README.md').read_text() else 'make students'
+            s = load_json(p/'settings.json') if (p/'settings.json').exists() else {}
+            regen = s.get('regenerate', 'make students')
             raise FileNotFoundError(f"{p} has the adapter's settings but not its weights (adapters over 10 MB are not committed); "
                                     f"regenerate them with: {regen}")
     raise FileNotFoundError(f"No LoRA adapter at {adapter!r} (no adapter_config.json there or under {_repo_root()}): "

@@ -18,8 +18,8 @@ __all__ = ['LLAMA3_TEMPLATE', 'MISTRAL_TEMPLATE', 'ACCELERATE_CONFIGS', 'assista
            'synthetic_trajectories', 'to_student_messages', 'build_sft_dataset', 'cot_sft_messages',
            'build_cot_dataset', 'collate_padded', 'collate_packed', 'SimilarLengthSampler', 'padding_waste',
            'TrainConfig', 'default_lora', 'sft_loss', 'plot_loss', 'TrainResult', 'train_student', 'adapter_info',
-           'load_student', 'merge_adapter', 'write_accelerate_config', 'train_from_jsonl', 'main', 'bench_batching',
-           'students_report', 'plot_students']
+           'load_student', 'merge_adapter', 'write_accelerate_config', 'train_from_jsonl', 'write_run_card', 'main',
+           'bench_batching', 'students_report', 'plot_students']
 
 # %% ../nbs/09_distill.ipynb #eb362be6
 def _render(tok, messages, **kw) -> str:
@@ -555,7 +555,50 @@ def train_from_jsonl(records: str,                  # teacher JSONL file(s), com
     cfg = TrainConfig(out_dir=out_dir, epochs=epochs, lr=lr, batch_size=batch_size, micro_batch_size=micro_batch_size,
                       batching=batching, max_steps=max_steps, save_steps=save_steps,
                       gradient_checkpointing=gradient_checkpointing, dtype=dtype, seed=seed)
-    return train_student(base, data, lora=default_lora(r=lora_r, lora_alpha=lora_alpha), config=cfg, tokenizer=tok)
+    res = train_student(base, data, lora=default_lora(r=lora_r, lora_alpha=lora_alpha), config=cfg, tokenizer=tok)
+    args = {k: v for k, v in locals().items() if k in _TRAIN_ARGS and v != _TRAIN_ARGS[k] and k != 'records'}
+    if int(os.environ.get('RANK', 0)) == 0: write_run_card(out_dir, _command(records, args))
+    return res
+
+# %% ../nbs/09_distill.ipynb #a5f83810
+import inspect
+_TRAIN_ARGS = {k: v.default for k, v in inspect.signature(train_from_jsonl).parameters.items()}
+
+def _command(records: str, args: dict) -> str:
+    "The shell command that reruns `train_from_jsonl` with these arguments."
+    flags = ' '.join(f'--{k} {v}' if not isinstance(v, bool) else f'--{k}' for k, v in args.items() if v is not False)
+    return f"python -m agent_distillation.distill {records} {flags}".strip()
+
+def write_run_card(out_dir,              # a finished run folder (settings.json, adapter)
+                   regenerate: str,      # the command that reruns it
+                   note: str = ''         # anything else a reader must know (markdown)
+                  ) -> Path:
+    "A run folder's README.md (what was trained, how, how well, how to redo it); `regenerate` also goes into settings.json."
+    out = Path(out_dir); s = load_json(out/'settings.json') | {'regenerate': regenerate}
+    save_json(out/'settings.json', s)
+    a, d, l = s.get('adapter', {}), s['dataset'], s['lora']
+    card = f"""# {out.name}
+
+LoRA adapter for `{s['base']}`, trained by agent-distillation (`nbs/09_distill.ipynb`).
+
+| | |
+|---|---|
+| data | {d['examples']} examples, {d['tokens']:,} tokens ({d['trained_tokens']:,} trained), sha256 `{d['sha256'][:12]}` |
+| LoRA | r={l.get('r')}, alpha={l.get('lora_alpha')}, dropout {l.get('lora_dropout')}, on {l.get('target_modules')} |
+| recipe | {s['config']['epochs']} epochs, lr {s['config']['lr']} ({s['config']['scheduler']}), {s['config']['batch_size']} sequences per step, {s['derived']['dtype']} on {s['derived']['device']} |
+| result | {s['steps']} steps, loss {s['first_loss']} -> {s['final_loss']}, {s['tokens_per_s']} tokens/s, {s['train_s']:.0f} s over {len(s['sessions'])} session(s) |
+| adapter | {a.get('bytes', 0) / 1e6:.1f} MB, sha256 `{str(a.get('sha256', ''))[:12]}` |
+
+Regenerate (resumable):
+
+```sh
+{regenerate}
+```
+
+Load: `agent_distillation.distill.load_student('{s['base']}', '{out}')`, or `agent-distill ask --base {s['base']} --adapter {out} "..."`.
+""" + (f"\n{note}\n" if note else '')
+    (out/'README.md').write_text(card)
+    return out/'README.md'
 
 # %% ../nbs/09_distill.ipynb #d870ea9c
 def main(argv: list[str] | None = None):
