@@ -42,15 +42,15 @@ def resolve_adapter(adapter: str | None  # a LoRA run folder, relative paths als
 def load_lm(base: str,                 # registry name, local folder or hub id
             adapter: str | None = None  # LoRA run folder (merged into the weights), or None/'none'
            ):
-    "A `TransformersLM` of `base` with the adapter merged in; unknown models fail before anything loads."
-    from agent_distillation.models import TransformersLM
+    "A `PrefixCacheLM` of `base` (each conversation read once) with the adapter merged in; unknown models fail before anything loads."
+    from agent_distillation.rollouts import PrefixCacheLM
     from agent_distillation.registry import load_tokenizer, OFFLINE_MODELS
     path = resolve_adapter(adapter)
     if base not in OFFLINE_MODELS and base != 'tiny-random' and not Path(base).is_dir() and '/' not in base:
         raise ValueError(f"Unknown model {base!r}: use a registry name ({', '.join(OFFLINE_MODELS)}), a local folder or a hub id (org/name)")
-    if path is None: return TransformersLM(base)
+    if path is None: return PrefixCacheLM(base)
     from agent_distillation.distill import load_student
-    return TransformersLM(load_student(base, path), load_tokenizer(base))
+    return PrefixCacheLM(load_student(base, path), load_tokenizer(base))
 
 # %% ../nbs/12_cli.ipynb #b5974971
 def make_retriever(corpus: str = 'world',  # 'world', 'wikipedia', a JSONL corpus file, or a http(s):// Search-R1 server

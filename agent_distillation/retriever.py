@@ -14,11 +14,11 @@ from fastcore.basics import patch
 from .core import cache_path, save_json, load_json
 
 # %% auto #0
-__all__ = ['WIKI_OFFLINE_PACKAGE', 'WIKI_OFFLINE_INSTALL', 'BACKENDS', 'METHODS', 'OKAPI_EPSILON', 'TOKENIZER', 'Passage',
-           'Corpus', 'wikipedia_offline_path', 'tokenize', 'Hit', 'okapi_idf', 'BM25Retriever', 'wikipedia_retriever',
-           'format_hits', 'make_retrieve_tool', 'hits_to_protocol', 'hits_from_protocol', 'make_app', 'RetrieverServer',
-           'serve_retriever', 'RemoteRetriever', 'sentence_passages', 'synthetic_passages', 'bench_corpus',
-           'bench_queries', 'bench_retriever', 'bench_table']
+__all__ = ['WIKI_OFFLINE_PACKAGE', 'WIKI_OFFLINE_INSTALL', 'BACKENDS', 'METHODS', 'OKAPI_EPSILON', 'TOKENIZER', 'MAX_QUERY_CHARS',
+           'Passage', 'Corpus', 'wikipedia_offline_path', 'tokenize', 'Hit', 'okapi_idf', 'BM25Retriever',
+           'wikipedia_retriever', 'format_hits', 'make_retrieve_tool', 'hits_to_protocol', 'hits_from_protocol',
+           'make_app', 'RetrieverServer', 'serve_retriever', 'RemoteRetriever', 'sentence_passages',
+           'synthetic_passages', 'bench_corpus', 'bench_queries', 'bench_retriever', 'bench_table']
 
 # %% ../nbs/02_retriever.ipynb #354042de
 @dataclass(frozen=True, slots=True)
@@ -336,6 +336,8 @@ def format_hits(hits: Sequence[Hit], max_chars: int | None = None) -> str:
     return '\n'.join(f'[{i}] {h.title}\n{_clip(h.text, max_chars)}' for i, h in enumerate(hits, 1))
 
 # %% ../nbs/02_retriever.ipynb #0218d440
+MAX_QUERY_CHARS = 1000  # a search query is a few keywords; the tool runs in the host process, so a huge one costs host CPU
+
 def make_retrieve_tool(retriever,                # anything with `.search(query, k) -> list[Hit]`
                        k: int = 3,               # passages per call (the paper uses 3)
                        max_chars: int | None = 600,  # characters per passage text (None: whole passages)
@@ -346,8 +348,9 @@ def make_retrieve_tool(retriever,                # anything with `.search(query,
     def retrieve(query: str) -> str:
         if not isinstance(query, str): raise TypeError(f"retrieve() takes one query string, got {type(query).__name__}; call it once per query")
         if not query.strip(): raise ValueError("retrieve() needs a non-empty query string")
+        if len(query) > MAX_QUERY_CHARS: raise ValueError(f"retrieve() takes a query of a few keywords, not {len(query):,} characters (at most {MAX_QUERY_CHARS:,})")
         hits = retriever.search(query, k)
-        return format_hits(hits, max_chars) if hits else f"No passages found for {query!r}. Try other keywords."
+        return format_hits(hits, max_chars) if hits else f"No passages found for {query[:100]!r}. Try other keywords."
     retrieve.__annotations__ = {'query': str, 'return': str}  # real types, not the strings `from __future__` leaves
     retrieve.__doc__ = f"Searches {source} and returns the {k} most relevant passage{'s' * (k > 1)} for `query` (title and text of each)."
     return retrieve
@@ -371,9 +374,9 @@ def hits_from_protocol(response: dict, n_queries: int) -> list[list[Hit]]:
 
 # %% ../nbs/02_retriever.ipynb #c3bfc095
 def _answer_each(retriever, queries: list, k: int) -> list[list[Hit]]:
-    "Hits for every query of a batch; one the retriever cannot search (not a string, empty, refused) gets [] alone."
+    "Hits for every query of a batch; one the retriever cannot search (not a string, empty, too long, refused) gets [] alone."
     out = [[] for _ in queries]
-    ok = [i for i, q in enumerate(queries) if isinstance(q, str) and q.strip()]
+    ok = [i for i, q in enumerate(queries) if isinstance(q, str) and q.strip() and len(q) <= MAX_QUERY_CHARS]
     try: found = retriever.search_batch([queries[i] for i in ok], k)
     except (ValueError, TypeError):           # some query was refused: ask one at a time so the others still answer
         found = []
