@@ -10,14 +10,18 @@ from fastcore.script import anno_parser
 from .core import seed_everything, read_jsonl, load_json
 
 # %% auto #0
-__all__ = ['DEFAULT_STUDENT', 'METHODS', 'PROFILES', 'COMMANDS', 'resolve_adapter', 'load_lm', 'make_retriever',
+__all__ = ['STUDENTS', 'DEFAULT_STUDENT', 'METHODS', 'PROFILES', 'COMMANDS', 'resolve_adapter', 'load_lm', 'make_retriever',
            'format_trajectory', 'ask', 'load_records', 'export', 'train', 'load_examples', 'make_method', 'evaluate',
-           'reproduce', 'serve_retriever', 'teacher', 'build_parser', 'main']
+           'reproduce', 'teacher_method', 'table_factories', 'table_settings', 'reproduce_table', 'serve_retriever',
+           'teacher', 'build_parser', 'main']
 
 # %% ../nbs/12_cli.ipynb #f8272024
-DEFAULT_STUDENT = dict(base='smollm2-135m-instruct',                         # the base model both adapters were trained on
-                       agent='runs/cpu/students/smollm2-135m-agent',          # agent-distilled (trajectories)
-                       cot='runs/cpu/students/smollm2-135m-cot')              # CoT-distilled twin
+STUDENTS = {  # size -> its students: base model and LoRA run folders (agent-distilled, CoT-distilled twin, FTP-distilled or None)
+    '135m': dict(base='smollm2-135m-instruct', agent='runs/cpu/students/smollm2-135m-agent',
+                 cot='runs/cpu/students/smollm2-135m-cot', ftp='runs/cpu/students/smollm2-135m-agent-ftp'),
+    '0.5b': dict(base='qwen2.5-coder-0.5b-instruct', agent='runs/cpu/students/qwen2.5-coder-0.5b-agent-r16',
+                 cot='runs/cpu/students/qwen2.5-coder-0.5b-cot-r16', ftp=None)}
+DEFAULT_STUDENT = STUDENTS['135m']  # what `ask`, `evaluate` and `reproduce` run unless told otherwise
 
 def _repo_root() -> Path:
     "The checkout this package runs from (an editable install), where `runs/` lives."
@@ -197,22 +201,25 @@ def load_examples(name: str,   # 'world', 'world_validation', 'math_validation',
     return exs if n is None or n >= len(exs) else random.Random(seed).sample(exs, n)
 
 # %% ../nbs/12_cli.ipynb #1795dc26
-METHODS = ('cot_prompting', 'cot_distill', 'cot_distill_rag', 'agent_prompting', 'agent_distill', 'agent_distill_sag')
+METHODS = ('cot_prompting', 'cot_distill', 'cot_distill_rag', 'agent_prompting', 'agent_distill', 'agent_distill_sag',
+           'agent_distill_ftp', 'agent_distill_ftp_sag')
 
 def make_method(name: str, base: str, adapter: str, cot_adapter: str, corpus: str = 'world', sag_n: int = 8,
-                max_steps: int = 5, max_new_tokens: int = 384, cot_max_new_tokens: int = 512, seed: int = 0, _lms: dict = None):
-    "One of `METHODS` for a student (its base model, agent adapter, CoT adapter) as an `evaluate` method."
+                max_steps: int = 5, max_new_tokens: int = 384, cot_max_new_tokens: int = 512, seed: int = 0, _lms: dict = None,
+                ftp_adapter: str | None = None):
+    "One of `METHODS` for a student (its base model; agent, CoT and FTP adapters) as an `evaluate` method."
     from agent_distillation.evaluate import AgentMethod, CoTMethod
     from agent_distillation.retriever import make_retrieve_tool
     from agent_distillation.sandbox import Sandbox
     if name not in METHODS: raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    if 'ftp' in name and not ftp_adapter: raise ValueError(f"{name} needs an FTP-distilled adapter (--ftp_adapter); this student has none")
     lms = {} if _lms is None else _lms
     lm = lambda a: lms.setdefault((base, a), load_lm(base, a))  # each model loads once
     if name.startswith('cot'):
         a = 'none' if name == 'cot_prompting' else cot_adapter
         return CoTMethod(lm(a), make_retriever(corpus, seed) if name.endswith('rag') else None, name=name, max_new_tokens=cot_max_new_tokens)
     tool = make_retrieve_tool(make_retriever(corpus, seed))
-    a = 'none' if name == 'agent_prompting' else adapter
+    a = 'none' if name == 'agent_prompting' else ftp_adapter if 'ftp' in name else adapter
     return AgentMethod(lm(a), lambda: Sandbox(tools=[tool]), student=name != 'agent_prompting', sag=name.endswith('sag'),
                        n=sag_n, name=name, max_steps=max_steps, max_new_tokens=max_new_tokens)
 
@@ -249,7 +256,8 @@ def evaluate(methods: str = 'agent_distill,cot_distill',  # comma-separated `MET
     return t
 
 # %% ../nbs/12_cli.ipynb #80e582ed
-PROFILES = {'quick': dict(n=12, sag_n=4, ask=2, train_steps=4, train_records=16, out='runs/quick')}
+PROFILES = {'quick': dict(n=12, sag_n=4, ask=2, train_steps=4, train_records=16, out='runs/quick'),
+            'cpu': dict(sag_n=8, out='runs/cpu')}
 
 def _banner(i: int, text: str): print(f"\n{'=' * 100}\n{i}. {text}\n{'=' * 100}", flush=True)
 
@@ -270,11 +278,13 @@ def reproduce(profile: str = 'quick',                  # 'quick': every stage on
               adapter: str = DEFAULT_STUDENT['agent'], # its agent-distilled LoRA run folder
               cot_adapter: str = DEFAULT_STUDENT['cot'],  # its CoT-distilled twin
               out: str = None,                         # output folder (default: the profile's)
+              rows: str = None,                        # cpu profile: comma-separated table rows (default: all of `table_rows()`)
               seed: int = 0):
     "Run the pipeline end to end at one scale and print what each stage produced."
     from agent_distillation.retriever import make_retrieve_tool
     if profile not in PROFILES: raise ValueError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
     P, t0 = PROFILES[profile], time.time()
+    if profile == 'cpu': return reproduce_table(rows, out or P['out'], P['sag_n'], seed)
     out = Path(out or P['out']); out.mkdir(parents=True, exist_ok=True)
     _banner(1, 'the retriever: BM25 over the offline Wikipedia + the generated world')
     retriever = make_retriever('world', seed)
@@ -294,6 +304,74 @@ def reproduce(profile: str = 'quick',                  # 'quick': every stage on
     print(f"\ndone in {(time.time() - t0) / 60:.1f} min. {P['n']} questions per benchmark: a 95 % interval is about ±25 points "
           "wide. The full CPU scale (hours) adds the teacher's data generation, students trained for whole epochs, and every "
           "Table 2 row on 200+ world-test, 100+ GSM-Hard and 100+ MATH500 questions with intervals.")
+    return t
+
+# %% ../nbs/12_cli.ipynb #5dce66e5
+def teacher_method(name: str,                                 # 'cot', 'agent' or 'agent_ftp' (`table.TEACHER_METHODS`)
+                   model: str = 'qwen2.5-coder-1.5b-instruct', # the teacher (registry name)
+                   corpus: str = 'world', seed: int = 0,
+                   binary: str | None = None):                # llama-server binary (default: $LLAMA_SERVER or PATH)
+    "The teacher as an `evaluate` method: llama-server with its run's settings; closing the method stops the server."
+    from agent_distillation.evaluate import AgentMethod, CoTMethod
+    from agent_distillation.models import LlamaServer, OpenAILM
+    from agent_distillation.retriever import make_retrieve_tool
+    from agent_distillation.sandbox import Sandbox
+    from agent_distillation.teacher import TeacherRunConfig
+    cfg = TeacherRunConfig(model=model, binary=binary)
+    srv = LlamaServer(model, n_ctx=cfg.n_ctx, parallel=cfg.workers, threads=cfg.threads, binary=binary).__enter__()
+    lm = OpenAILM(srv.base_url, srv.model, tokenizer=model, max_concurrency=cfg.workers)
+    tool = make_retrieve_tool(make_retriever(corpus, seed))
+    m = (CoTMethod(lm, name=name, max_new_tokens=cfg.cot_max_new_tokens) if name == 'cot' else
+         AgentMethod(lm, lambda: Sandbox(tools=[tool]), student=False, ftp=name == 'agent_ftp', name=name, batch_size=cfg.workers,
+                     max_steps=cfg.max_steps, max_new_tokens=cfg.max_new_tokens, step_prefix=cfg.step_prefix))
+    close = m.close
+    def _close():
+        try: close()
+        finally: srv.__exit__(None, None, None)
+    m.close = _close
+    return m
+
+# %% ../nbs/12_cli.ipynb #319d7078
+def table_factories(rows: list[str], sag_n: int = 8, corpus: str = 'world', seed: int = 0) -> dict:
+    "Row key 'size/method' -> () -> Method, for `table.run_table`: students from `STUDENTS`, the teacher via `teacher_method`."
+    from functools import partial
+    out = {}
+    for key in rows:
+        size, name = key.split('/', 1)
+        if size == 'teacher': out[key] = partial(teacher_method, name, corpus=corpus, seed=seed); continue
+        if size not in STUDENTS: raise ValueError(f"unknown student size {size!r} in row {key!r}; choose from {', '.join(STUDENTS)}")
+        s = STUDENTS[size]
+        out[key] = partial(make_method, name, s['base'], s['agent'], s['cot'], corpus, sag_n, seed=seed, ftp_adapter=s.get('ftp'))
+    return out
+
+def table_settings(rows: list[str], sag_n: int, seed: int) -> dict:
+    "What produced a table: models and adapter hashes per size, prompts' hash, sampling, retriever, engine, machine."
+    import os, platform, torch
+    from agent_distillation.distill import adapter_info
+    from agent_distillation.prompts import all_prompts_hash
+    from agent_distillation.registry import cpu_supports_bf16
+    from agent_distillation.teacher import TeacherRunConfig, _cpu_model
+    sizes = sorted({k.split('/')[0] for k in rows} - {'teacher'})
+    info = lambda a: dict(run=a, **adapter_info(resolve_adapter(a)))
+    t = TeacherRunConfig()
+    return dict(students={s: STUDENTS[s] | {k: info(STUDENTS[s][k]) for k in ('agent', 'cot', 'ftp') if STUDENTS[s].get(k)} for s in sizes},
+                teacher=dict(model=t.model, engine='llama-server', max_steps=t.max_steps, max_new_tokens=t.max_new_tokens,
+                             cot_max_new_tokens=t.cot_max_new_tokens, step_prefix=t.step_prefix),
+                prompts_hash=all_prompts_hash(), seed=seed, sampling=dict(greedy=True, sag_n=sag_n, sag_temperature=0.4, sag_top_p=0.8),
+                retriever='BM25 over offline Wikipedia + the generated world, top-3', scoring='scoring.is_correct (EM rule for facts, math_equal)',
+                engine=f"transformers {'bf16' if cpu_supports_bf16() else 'float32'} (PrefixCacheLM, batched rollouts)",
+                machine=dict(cpu=_cpu_model(), cores=os.cpu_count(), torch=torch.__version__, python=platform.python_version()),
+                regenerate='agent-distill reproduce --profile cpu' + (f" --rows {','.join(rows)}" if rows else ''))
+
+# %% ../nbs/12_cli.ipynb #00140b47
+def reproduce_table(rows: str | None = None, out: str = 'runs/cpu', sag_n: int = 8, seed: int = 0) -> dict:
+    "The cpu profile: run (or resume) the table's rows on its questions, write `out/table2.json`, print it and the claims."
+    from agent_distillation.table import table_rows, table_questions, run_table, table_frame, check_claims
+    ftp = tuple(s for s, v in STUDENTS.items() if v.get('ftp'))
+    keys = [r.strip() for r in rows.split(',') if r.strip()] if rows else table_rows(tuple(STUDENTS), ftp)
+    t = run_table(table_factories(keys, sag_n, seed=seed), table_questions(seed=seed), out, table_settings(keys, sag_n, seed))
+    print(table_frame(t, with_ci=True).to_string())
+    print(check_claims(t).to_string(index=False))
     return t
 
 # %% ../nbs/12_cli.ipynb #5e58e931
