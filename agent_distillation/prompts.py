@@ -110,6 +110,7 @@ RULES = """Rules:
 6. Variables persist between steps. You may import only: {imports}.
 7. When you know the answer, call final_answer(answer) with a short answer (a few words or a number), not a sentence."""
 
+# %% ../nbs/05_prompts.ipynb #05222b5b
 TEACHER_SYSTEM = """You are an expert assistant who solves a task by writing Python code that calls tools.
 At each step, write a Thought explaining what you will do next, then a Python code block. The code is executed and what it prints is returned to you as an Observation. Repeat until you can call final_answer.
 
