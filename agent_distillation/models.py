@@ -15,9 +15,7 @@ from .registry import load_model, load_tokenizer, gguf_path
 _all_ = ['load_model', 'load_tokenizer']  # re-exported: `from agent_distillation.models import load_model`
 
 # %% auto #0
-__all__ = ['Usage', 'truncate_at_stop', 'LM', 'ScriptedLM', 'TransformersLM', 'render_prompt', 'StopOnStrings', 'bench_generate',
-           'OpenAILM', 'ServerError', 'free_port', 'llama_server_backend', 'LlamaServer', 'request_key', 'CachedLM',
-           'load_model', 'load_tokenizer']
+__all__ = ['Usage', 'truncate_at_stop', 'LM', 'ScriptedLM', 'TransformersLM', 'render_prompt', 'StopOnStrings', 'OpenAILM', 'ServerError', 'request_key', 'CachedLM', 'load_model', 'load_tokenizer', 'free_port', 'llama_server_backend', 'LlamaServer', 'bench_generate']
 
 # %% ../nbs/04_models.ipynb #270a346b
 @dataclass
@@ -243,49 +241,6 @@ def _generate(self: TransformersLM, messages_list, n, temperature, top_p, max_ne
     if greedy: outs, ctoks = [row * n for row in outs], [c * n for c in ctoks]
     return outs, list(zip(ptoks, ctoks))
 
-# %% ../nbs/04_models.ipynb #d0205097
-def _bench_messages():
-    "A realistic student agent prompt (system prompt + question)."
-    from agent_distillation.prompts import agent_messages
-    return agent_messages('Which company founded by Henry Ford made the Model T, and in which city was Henry Ford born?',
-                          'fact', None, True)
-
-def bench_generate(model: str = 'smollm2-135m-instruct',  # registry name or path
-                   n: int = 8,                            # samples per step (paper: 8)
-                   max_new_tokens: int = 128,             # new tokens per sample (forced)
-                   temperature: float = 0.4, top_p: float = 0.8,  # the paper's SAG sampling
-                   repeats: int = 3,                      # best of this many runs per variant (the CPU is shared)
-                   lm=None) -> dict:                      # an existing `TransformersLM` to reuse
-    "Time one greedy action vs `n` sampled actions batched (shared / re-encoded prompt) vs `n` sequential calls."
-    lm = lm or TransformersLM(model)
-    msgs, kw = _bench_messages(), dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
-    sample = dict(temperature=temperature, top_p=top_p, **kw)
-    def reencoded():
-        share, lm.share_prefix = lm.share_prefix, False
-        try: lm.generate([msgs], n=n, seed=0, **sample)
-        finally: lm.share_prefix = share
-    variants = {'greedy_1': lambda: lm.generate([msgs], **kw),
-                f'batched_{n}': lambda: lm.generate([msgs], n=n, seed=0, **sample),
-                f'batched_{n}_reencoded': reencoded,
-                f'sequential_{n}': lambda: [lm.generate([msgs], seed=i, **sample) for i in range(n)]}
-    lm.generate([msgs], max_new_tokens=4)  # warm-up
-    res = dict(model=lm.name, n=n, prompt_tokens=lm.last_usage['prompt_tokens'], new_tokens=max_new_tokens)
-    times = {k: [] for k in variants}
-    for _ in range(repeats):                  # interleaved, so a busy spell hits every variant alike
-        for k, f in variants.items():
-            t0 = time.time(); f(); times[k].append(time.time() - t0)
-    res |= {k: min(v) for k, v in times.items()}
-    _print_bench(res)
-    return res
-
-def _print_bench(res: dict):
-    "A small table of times and ratios to the greedy action."
-    print(f"{res['model']}: prompt {res['prompt_tokens']} tokens, {res['new_tokens']} new tokens per sample")
-    print(f"{'variant':<24}{'seconds':>9}{'x greedy':>10}{'tok/s':>8}")
-    for k in [k for k in res if k.startswith(('greedy', 'batched', 'sequential'))]:
-        rows = 1 if k == 'greedy_1' else res['n']
-        print(f"{k:<24}{res[k]:>9.2f}{res[k]/res['greedy_1']:>10.2f}{rows*res['new_tokens']/res[k]:>8.1f}")
-
 # %% ../nbs/04_models.ipynb #2f8b673d
 class OpenAILM(LM):
     "A model behind any OpenAI-compatible HTTP server (vLLM, llama.cpp, hosted APIs)."
@@ -310,9 +265,16 @@ class OpenAILM(LM):
         self.client = httpx.Client(timeout=timeout, headers={'Authorization': f'Bearer {key}'} if key else {})
         if prefix_mode not in ('completions', 'chat'): raise ValueError("prefix_mode is 'completions' or 'chat'")
 
-    def close(self): self.client.close()
-    def __enter__(self): return self
-    def __exit__(self, *exc): self.close()
+# %% ../nbs/04_models.ipynb #eca44c81
+@patch
+def close(self: OpenAILM):
+    "Close the HTTP client."
+    self.client.close()
+
+@patch
+def __enter__(self: OpenAILM): return self
+@patch
+def __exit__(self: OpenAILM, *exc): self.close()
 
 # %% ../nbs/04_models.ipynb #3eba36d6
 _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -389,6 +351,7 @@ def _sample(self: OpenAILM, messages, n, temperature, top_p, max_new_tokens, sto
         ptoks = ptoks or u.get('prompt_tokens', 0); ctoks += u.get('completion_tokens', 0)
     return texts, ptoks, ctoks
 
+# %% ../nbs/04_models.ipynb #5f35dedf
 @patch
 def _generate(self: OpenAILM, messages_list, n, temperature, top_p, max_new_tokens, stop, prefix, seed, **kw):
     "Concurrent requests, one conversation each; extra keyword arguments go into the request body."
@@ -396,100 +359,6 @@ def _generate(self: OpenAILM, messages_list, n, temperature, top_p, max_new_toke
     job = lambda m: self._sample(m, 1 if greedy else n, temperature, top_p, max_new_tokens, stop, prefix, seed, **kw)
     with ThreadPoolExecutor(max(1, min(self.max_concurrency, len(messages_list)))) as pool: res = list(pool.map(job, messages_list))
     return [t * n if greedy else t for t, _, _ in res], [(p, c * n if greedy else c) for _, p, c in res]
-
-# %% ../nbs/04_models.ipynb #504b44ce
-def free_port(host: str = '127.0.0.1') -> int:
-    "A TCP port that is free on `host` right now."
-    with socket.socket() as s:
-        s.bind((host, 0)); return s.getsockname()[1]
-
-def llama_server_backend(binary: str | None = None) -> str | None:
-    "A `llama-server` binary (`binary`, else $LLAMA_SERVER, else on PATH), else 'python' if llama-cpp-python's server is installed, else None."
-    import importlib.util
-    found = binary or os.environ.get('LLAMA_SERVER') or shutil.which('llama-server')
-    if found:  # the binary has parallel slots: prefer it
-        if not os.access(found, os.X_OK): raise FileNotFoundError(f'llama-server binary {found!r} is not an executable file')
-        return str(Path(found).resolve())
-    if importlib.util.find_spec('llama_cpp') and importlib.util.find_spec('uvicorn') and importlib.util.find_spec('sse_starlette'): return 'python'
-    return None
-
-# %% ../nbs/04_models.ipynb #aba7227a
-def _die_with_parent():
-    "In the child before exec (Linux): receive SIGTERM when the parent dies, so a killed run leaves no server behind."
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, 15)  # PR_SET_PDEATHSIG, SIGTERM
-    except Exception: pass  # not Linux: the context manager still stops the server
-
-class LlamaServer:
-    "llama.cpp's OpenAI-compatible server for a GGUF model on loopback, as a context manager."
-    def __init__(self, gguf,                       # a GGUF file or a registry name
-                 model: str | None = None,         # name the server answers to (default: the registry name or file stem)
-                 n_ctx: int = 4096,                # context length (per slot for llama-server)
-                 threads: int | None = None,       # CPU threads (default: the server's choice)
-                 parallel: int = 1,                # slots (llama-server binary only)
-                 binary: str | None = None,        # a `llama-server` binary to use instead of llama-cpp-python
-                 host: str = '127.0.0.1', port: int | None = None,
-                 ready_timeout: float = 120.0,     # seconds to wait for the server to answer
-                 args: tuple = ()):                # more command-line arguments for the server
-        is_file = str(gguf).endswith('.gguf')
-        self.gguf = Path(gguf) if is_file else gguf_path(gguf)
-        self.model = model or (self.gguf.stem if is_file else str(gguf))
-        self.n_ctx, self.threads, self.parallel, self.host, self.port = n_ctx, threads, parallel, host, port
-        self.backend, self.ready_timeout, self.proc, self.args = llama_server_backend(binary), ready_timeout, None, list(args)
-        if self.backend is None:
-            raise RuntimeError("No llama.cpp server found: pip install 'llama-cpp-python[server]' (or set LLAMA_SERVER to a llama-server binary)")
-
-    @property
-    def base_url(self) -> str: return f'http://{self.host}:{self.port}/v1'
-
-# %% ../nbs/04_models.ipynb #02f7e522
-@patch
-def command(self: LlamaServer) -> list[str]:
-    "The command line that starts the server."
-    if self.backend == 'python':
-        cmd = [sys.executable, '-m', 'llama_cpp.server', '--model', str(self.gguf), '--model_alias', self.model,
-               '--host', self.host, '--port', str(self.port), '--n_ctx', str(self.n_ctx)]
-        return cmd + (['--n_threads', str(self.threads)] if self.threads else []) + self.args
-    cmd = [self.backend, '-m', str(self.gguf), '--alias', self.model, '--host', self.host, '--port', str(self.port),
-           '-c', str(self.n_ctx * self.parallel), '-np', str(self.parallel)]
-    return cmd + (['-t', str(self.threads)] if self.threads else []) + self.args
-
-# %% ../nbs/04_models.ipynb #0b2adf52
-@patch
-def start(self: LlamaServer) -> LlamaServer:
-    "Start the server and wait (bounded) until it answers."
-    self.port = self.port or free_port(self.host)
-    self.log = tempfile.NamedTemporaryFile('w+b', prefix='llama-server-', suffix='.log', delete=False)
-    self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 start_new_session=True, preexec_fn=_die_with_parent)
-    deadline = time.time() + self.ready_timeout
-    while time.time() < deadline:
-        if self.proc.poll() is not None: break
-        try:
-            if httpx.get(self.base_url + '/models', timeout=2).status_code == 200: return self
-        except httpx.HTTPError: pass
-        time.sleep(0.25)
-    tail, rc = Path(self.log.name).read_bytes()[-2000:].decode(errors='replace'), self.proc.poll()
-    self.stop()
-    if rc is None: raise RuntimeError(f"llama.cpp server did not become ready in {self.ready_timeout:.0f}s:\n{tail}")
-    why = ' (illegal instruction: built for a CPU with other instruction sets; rebuild it on this machine)' if rc in (-4, 132) else ''
-    raise RuntimeError(f"llama.cpp server exited with code {rc} before it was ready{why}:\n{tail}")
-
-@patch
-def stop(self: LlamaServer):
-    "Terminate the server (kill it if it does not exit within 10 s)."
-    if self.proc and self.proc.poll() is None:
-        self.proc.terminate()
-        try: self.proc.wait(10)
-        except subprocess.TimeoutExpired: self.proc.kill(); self.proc.wait()
-    self.proc = None
-    if getattr(self, 'log', None): self.log.close(); Path(self.log.name).unlink(missing_ok=True); self.log = None
-
-@patch
-def __enter__(self: LlamaServer): return self.start()
-@patch
-def __exit__(self: LlamaServer, *exc): self.stop()
 
 # %% ../nbs/04_models.ipynb #a989ea95
 def request_key(model: str, messages: list, **params) -> str:
@@ -549,3 +418,147 @@ def _generate(self: CachedLM, messages_list, n, temperature, top_p, max_new_toke
     self.hits += len(keys) - len(miss); self.misses += len(miss)
     recs = [self.records[k] for k in keys]
     return [r['outputs'] for r in recs], [(r['usage']['prompt_tokens'], r['usage']['completion_tokens']) for r in recs]
+
+# %% ../nbs/04a_serving_and_speed.ipynb #504b44ce
+def free_port(host: str = '127.0.0.1') -> int:
+    "A TCP port that is free on `host` right now."
+    with socket.socket() as s:
+        s.bind((host, 0)); return s.getsockname()[1]
+
+def llama_server_backend(binary: str | None = None) -> str | None:
+    "A `llama-server` binary (`binary`, else $LLAMA_SERVER, else on PATH), else 'python' if llama-cpp-python's server is installed, else None."
+    import importlib.util
+    found = binary or os.environ.get('LLAMA_SERVER') or shutil.which('llama-server')
+    if found:  # the binary has parallel slots: prefer it
+        if not os.access(found, os.X_OK): raise FileNotFoundError(f'llama-server binary {found!r} is not an executable file')
+        return str(Path(found).resolve())
+    if importlib.util.find_spec('llama_cpp') and importlib.util.find_spec('uvicorn') and importlib.util.find_spec('sse_starlette'): return 'python'
+    return None
+
+# %% ../nbs/04a_serving_and_speed.ipynb #aba7227a
+def _die_with_parent():
+    "In the child before exec (Linux): receive SIGTERM when the parent dies, so a killed run leaves no server behind."
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, 15)  # PR_SET_PDEATHSIG, SIGTERM
+    except Exception: pass  # not Linux: the context manager still stops the server
+
+# %% ../nbs/04a_serving_and_speed.ipynb #27dcd073
+class LlamaServer:
+    "llama.cpp's OpenAI-compatible server for a GGUF model on loopback, as a context manager."
+    def __init__(self, gguf,                       # a GGUF file or a registry name
+                 model: str | None = None,         # name the server answers to (default: the registry name or file stem)
+                 n_ctx: int = 4096,                # context length (per slot for llama-server)
+                 threads: int | None = None,       # CPU threads (default: the server's choice)
+                 parallel: int = 1,                # slots (llama-server binary only)
+                 binary: str | None = None,        # a `llama-server` binary to use instead of llama-cpp-python
+                 host: str = '127.0.0.1', port: int | None = None,
+                 ready_timeout: float = 120.0,     # seconds to wait for the server to answer
+                 args: tuple = ()):                # more command-line arguments for the server
+        is_file = str(gguf).endswith('.gguf')
+        self.gguf = Path(gguf) if is_file else gguf_path(gguf)
+        self.model = model or (self.gguf.stem if is_file else str(gguf))
+        self.n_ctx, self.threads, self.parallel, self.host, self.port = n_ctx, threads, parallel, host, port
+        self.backend, self.ready_timeout, self.proc, self.args = llama_server_backend(binary), ready_timeout, None, list(args)
+        if self.backend is None:
+            raise RuntimeError("No llama.cpp server found: pip install 'llama-cpp-python[server]' (or set LLAMA_SERVER to a llama-server binary)")
+
+    @property
+    def base_url(self) -> str: return f'http://{self.host}:{self.port}/v1'
+
+# %% ../nbs/04a_serving_and_speed.ipynb #02f7e522
+@patch
+def command(self: LlamaServer) -> list[str]:
+    "The command line that starts the server."
+    if self.backend == 'python':
+        cmd = [sys.executable, '-m', 'llama_cpp.server', '--model', str(self.gguf), '--model_alias', self.model,
+               '--host', self.host, '--port', str(self.port), '--n_ctx', str(self.n_ctx)]
+        return cmd + (['--n_threads', str(self.threads)] if self.threads else []) + self.args
+    cmd = [self.backend, '-m', str(self.gguf), '--alias', self.model, '--host', self.host, '--port', str(self.port),
+           '-c', str(self.n_ctx * self.parallel), '-np', str(self.parallel)]
+    return cmd + (['-t', str(self.threads)] if self.threads else []) + self.args
+
+# %% ../nbs/04a_serving_and_speed.ipynb #0b2adf52
+@patch
+def start(self: LlamaServer) -> LlamaServer:
+    "Start the server and wait (bounded) until it answers."
+    self.port = self.port or free_port(self.host)
+    self.log = tempfile.NamedTemporaryFile('w+b', prefix='llama-server-', suffix='.log', delete=False)
+    self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True, preexec_fn=_die_with_parent)
+    deadline = time.time() + self.ready_timeout
+    while time.time() < deadline:
+        if self.proc.poll() is not None: break
+        try:
+            if httpx.get(self.base_url + '/models', timeout=2).status_code == 200: return self
+        except httpx.HTTPError: pass
+        time.sleep(0.25)
+    tail, rc = Path(self.log.name).read_bytes()[-2000:].decode(errors='replace'), self.proc.poll()
+    self.stop()
+    if rc is None: raise RuntimeError(f"llama.cpp server did not become ready in {self.ready_timeout:.0f}s:\n{tail}")
+    why = ' (illegal instruction: built for a CPU with other instruction sets; rebuild it on this machine)' if rc in (-4, 132) else ''
+    raise RuntimeError(f"llama.cpp server exited with code {rc} before it was ready{why}:\n{tail}")
+
+# %% ../nbs/04a_serving_and_speed.ipynb #0f73ece6
+@patch
+def stop(self: LlamaServer):
+    "Terminate the server (kill it if it does not exit within 10 s)."
+    if self.proc and self.proc.poll() is None:
+        self.proc.terminate()
+        try: self.proc.wait(10)
+        except subprocess.TimeoutExpired: self.proc.kill(); self.proc.wait()
+    self.proc = None
+    if getattr(self, 'log', None): self.log.close(); Path(self.log.name).unlink(missing_ok=True); self.log = None
+
+@patch
+def __enter__(self: LlamaServer): return self.start()
+@patch
+def __exit__(self: LlamaServer, *exc): self.stop()
+
+# %% ../nbs/04a_serving_and_speed.ipynb #d0205097
+def _bench_messages():
+    "A realistic student agent prompt (system prompt + question)."
+    from agent_distillation.prompts import agent_messages
+    return agent_messages('Which company founded by Henry Ford made the Model T, and in which city was Henry Ford born?',
+                          'fact', None, True)
+
+def _bench_variants(lm, msgs, n, sample, kw) -> dict:
+    "The timed variants: one greedy action, `n` samples batched (shared or re-encoded prompt), `n` sequential calls."
+    def reencoded():
+        share, lm.share_prefix = lm.share_prefix, False
+        try: lm.generate([msgs], n=n, seed=0, **sample)
+        finally: lm.share_prefix = share
+    return {'greedy_1': lambda: lm.generate([msgs], **kw),
+            f'batched_{n}': lambda: lm.generate([msgs], n=n, seed=0, **sample),
+            f'batched_{n}_reencoded': reencoded,
+            f'sequential_{n}': lambda: [lm.generate([msgs], seed=i, **sample) for i in range(n)]}
+
+# %% ../nbs/04a_serving_and_speed.ipynb #1a59c61f
+def bench_generate(model: str = 'smollm2-135m-instruct',  # registry name or path
+                   n: int = 8,                            # samples per step (paper: 8)
+                   max_new_tokens: int = 128,             # new tokens per sample (forced)
+                   temperature: float = 0.4, top_p: float = 0.8,  # the paper's SAG sampling
+                   repeats: int = 3,                      # best of this many runs per variant (the CPU is shared)
+                   lm=None) -> dict:                      # an existing `TransformersLM` to reuse
+    "Time one greedy action vs `n` sampled actions batched (shared / re-encoded prompt) vs `n` sequential calls."
+    lm = lm or TransformersLM(model)
+    msgs, kw = _bench_messages(), dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+    variants = _bench_variants(lm, msgs, n, dict(temperature=temperature, top_p=top_p, **kw), kw)
+    lm.generate([msgs], max_new_tokens=4)  # warm-up
+    res = dict(model=lm.name, n=n, prompt_tokens=lm.last_usage['prompt_tokens'], new_tokens=max_new_tokens)
+    times = {k: [] for k in variants}
+    for _ in range(repeats):                  # interleaved, so a busy spell hits every variant alike
+        for k, f in variants.items():
+            t0 = time.time(); f(); times[k].append(time.time() - t0)
+    res |= {k: min(v) for k, v in times.items()}
+    _print_bench(res)
+    return res
+
+# %% ../nbs/04a_serving_and_speed.ipynb #3b3e0783
+def _print_bench(res: dict):
+    "A small table of times and ratios to the greedy action."
+    print(f"{res['model']}: prompt {res['prompt_tokens']} tokens, {res['new_tokens']} new tokens per sample")
+    print(f"{'variant':<24}{'seconds':>9}{'x greedy':>10}{'tok/s':>8}")
+    for k in [k for k in res if k.startswith(('greedy', 'batched', 'sequential'))]:
+        rows = 1 if k == 'greedy_1' else res['n']
+        print(f"{k:<24}{res[k]:>9.2f}{res[k]/res['greedy_1']:>10.2f}{rows*res['new_tokens']/res[k]:>8.1f}")
