@@ -14,11 +14,7 @@ from fastcore.basics import patch
 from .core import cache_path, save_json, load_json
 
 # %% auto #0
-__all__ = ['WIKI_OFFLINE_PACKAGE', 'WIKI_OFFLINE_INSTALL', 'BACKENDS', 'METHODS', 'OKAPI_EPSILON', 'TOKENIZER', 'MAX_QUERY_CHARS',
-           'Passage', 'Corpus', 'wikipedia_offline_path', 'tokenize', 'Hit', 'okapi_idf', 'BM25Retriever',
-           'wikipedia_retriever', 'format_hits', 'make_retrieve_tool', 'hits_to_protocol', 'hits_from_protocol',
-           'make_app', 'RetrieverServer', 'serve_retriever', 'RemoteRetriever', 'sentence_passages',
-           'synthetic_passages', 'bench_corpus', 'bench_queries', 'bench_retriever', 'bench_table']
+__all__ = ['WIKI_OFFLINE_PACKAGE', 'WIKI_OFFLINE_INSTALL', 'BACKENDS', 'METHODS', 'OKAPI_EPSILON', 'TOKENIZER', 'MAX_QUERY_CHARS', 'Passage', 'Corpus', 'wikipedia_offline_path', 'tokenize', 'Hit', 'okapi_idf', 'BM25Retriever', 'wikipedia_retriever', 'format_hits', 'make_retrieve_tool', 'hits_to_protocol', 'hits_from_protocol', 'make_app', 'RetrieverServer', 'serve_retriever', 'RemoteRetriever', 'sentence_passages', 'synthetic_passages', 'bench_corpus', 'bench_queries', 'bench_retriever', 'bench_table']
 
 # %% ../nbs/02_retriever.ipynb #354042de
 @dataclass(frozen=True, slots=True)
@@ -252,6 +248,7 @@ def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     idx = idx[np.lexsort((idx, -scores[idx]))]
     return idx, scores[idx]
 
+# %% ../nbs/02_retriever.ipynb #91840390
 @patch
 def search_batch(self: BM25Retriever, queries: Sequence[str], k: int = 3) -> list[list[Hit]]:
     "The top-`k` passages for each query, best first (passages sharing no term with the query are left out)."
@@ -355,7 +352,7 @@ def make_retrieve_tool(retriever,                # anything with `.search(query,
     retrieve.__doc__ = f"Searches {source} and returns the {k} most relevant passage{'s' * (k > 1)} for `query` (title and text of each)."
     return retrieve
 
-# %% ../nbs/02_retriever.ipynb #ea5b6bd6
+# %% ../nbs/02b_retriever_server.ipynb #ea5b6bd6
 def hits_to_protocol(results: list[list[Hit]], return_scores: bool = True) -> dict:
     "A Search-R1 `/retrieve` response for per-query hit lists."
     doc = lambda h: {'id': h.id, 'contents': Passage(h.id, h.title, h.text).contents}
@@ -372,7 +369,7 @@ def hits_from_protocol(response: dict, n_queries: int) -> list[list[Hit]]:
         return Hit(p.id, p.title, p.text, float(score))
     return [[hit(item) for item in items] for items in result]
 
-# %% ../nbs/02_retriever.ipynb #c3bfc095
+# %% ../nbs/02b_retriever_server.ipynb #c3bfc095
 def _answer_each(retriever, queries: list, k: int) -> list[list[Hit]]:
     "Hits for every query of a batch; one the retriever cannot search (not a string, empty, too long, refused) gets [] alone."
     out = [[] for _ in queries]
@@ -386,6 +383,7 @@ def _answer_each(retriever, queries: list, k: int) -> list[list[Hit]]:
     for i, hits in zip(ok, found): out[i] = hits
     return out
 
+# %% ../nbs/02b_retriever_server.ipynb #84038f00
 def make_app(retriever, default_k: int = 3):
     "A FastAPI app serving `retriever` over the Search-R1 protocol (`POST /retrieve`, `GET /health`)."
     from fastapi import FastAPI, HTTPException
@@ -401,7 +399,7 @@ def make_app(retriever, default_k: int = 3):
     app.get('/health')(lambda: {'status': 'ok', 'retriever': repr(retriever)})
     return app
 
-# %% ../nbs/02_retriever.ipynb #160e3f04
+# %% ../nbs/02b_retriever_server.ipynb #160e3f04
 class RetrieverServer:
     "A uvicorn server for a retriever, on a socket bound up front (port 0: any free port)."
     def __init__(self, retriever, host: str = '127.0.0.1', port: int = 8000, log_level: str = 'warning'):
@@ -418,7 +416,7 @@ class RetrieverServer:
     @property
     def running(self) -> bool: return self.thread is not None and self.thread.is_alive() and self.server.started
 
-# %% ../nbs/02_retriever.ipynb #74d40189
+# %% ../nbs/02b_retriever_server.ipynb #74d40189
 @patch
 def start(self: RetrieverServer, timeout: float = 30) -> RetrieverServer:
     "Serve in a background thread; returns once the server accepts requests."
@@ -442,7 +440,7 @@ def __enter__(self: RetrieverServer): return self.start() if self.thread is None
 @patch
 def __exit__(self: RetrieverServer, *exc): self.stop()
 
-# %% ../nbs/02_retriever.ipynb #26cbeedb
+# %% ../nbs/02b_retriever_server.ipynb #26cbeedb
 def serve_retriever(retriever,                 # anything with `search_batch(queries, k)`
                     host: str = '127.0.0.1',   # '0.0.0.0' to accept other machines
                     port: int = 8000,          # 0: any free port
@@ -455,7 +453,7 @@ def serve_retriever(retriever,                 # anything with `search_batch(que
     finally: srv.sock.close()
     return srv
 
-# %% ../nbs/02_retriever.ipynb #cdbaebde
+# %% ../nbs/02b_retriever_server.ipynb #cdbaebde
 class RemoteRetriever:
     "A client for a Search-R1 retrieval server, with `BM25Retriever`'s `search` and `search_batch`."
     def __init__(self, url: str = 'http://127.0.0.1:8000/retrieve',  # the endpoint, or the server's base URL
@@ -472,7 +470,7 @@ class RemoteRetriever:
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
 
-# %% ../nbs/02_retriever.ipynb #fbbbcb74
+# %% ../nbs/02b_retriever_server.ipynb #fbbbcb74
 _RETRY_STATUS = {429, 500, 502, 503, 504}
 
 @patch
@@ -489,6 +487,7 @@ def _post(self: RemoteRetriever, payload: dict) -> dict:
         return r.json()
     raise ConnectionError(f"no answer from {self.url} after {self.attempts} attempts; last error: {err!r}")
 
+# %% ../nbs/02b_retriever_server.ipynb #4507d31a
 @patch
 def search_batch(self: RemoteRetriever, queries: Sequence[str], k: int = 3) -> list[list[Hit]]:
     "The top-`k` passages for each query, from the server."
@@ -501,7 +500,7 @@ def search(self: RemoteRetriever, query: str, k: int = 3) -> list[Hit]:
     "The top-`k` passages for `query`, from the server."
     return self.search_batch([query], k)[0]
 
-# %% ../nbs/02_retriever.ipynb #9807e2b8
+# %% ../nbs/02c_retriever_benchmark.ipynb #9807e2b8
 _SENTENCE_END = re.compile(r'(?<=[.!?])\s+(?=[A-Z0-9"(])')
 
 def sentence_passages(corpus: Corpus) -> list[Passage]:
@@ -525,7 +524,7 @@ def synthetic_passages(corpus: Corpus, n: int, seed: int = 0, words: tuple[int, 
         out.append(Passage(f'synth-{i}', f'Synthetic passage {i}', ' '.join(ws)))
     return out
 
-# %% ../nbs/02_retriever.ipynb #cb080406
+# %% ../nbs/02c_retriever_benchmark.ipynb #cb080406
 def bench_corpus(n_passages: int = 100_000, seed: int = 0) -> Corpus:
     "The benchmark corpus: offline Wikipedia sentences, then synthetic filler up to `n_passages`."
     wiki = Corpus.wikipedia_offline()
@@ -544,7 +543,7 @@ def bench_queries(corpus: Corpus, n: int, seed: int = 0) -> tuple[list[str], lis
         queries.append(' '.join(words[i] for i in keep)); gold.append(p.id)
     return queries, gold
 
-# %% ../nbs/02_retriever.ipynb #1b5710ac
+# %% ../nbs/02c_retriever_benchmark.ipynb #1b5710ac
 def _traced_build(backend, tokens, k1, b) -> tuple[int, int]:
     "Bytes (retained, peak) allocated while building an Okapi index."
     import tracemalloc
@@ -560,7 +559,7 @@ def _timed(f, *args):
     t0 = time.perf_counter(); out = f(*args)
     return out, time.perf_counter() - t0
 
-# %% ../nbs/02_retriever.ipynb #7fb9b6eb
+# %% ../nbs/02c_retriever_benchmark.ipynb #7fb9b6eb
 def bench_retriever(n_passages: int = 100_000,  # corpus size (real sentences + synthetic filler)
                     n_queries: int = 1000,      # queries for bm25s
                     n_baseline: int = 50,       # of those, how many rank_bm25 answers (it is slow)
@@ -590,7 +589,7 @@ def bench_retriever(n_passages: int = 100_000,  # corpus size (real sentences + 
     if verbose: print(bench_table(res))
     return res
 
-# %% ../nbs/02_retriever.ipynb #37a61473
+# %% ../nbs/02c_retriever_benchmark.ipynb #37a61473
 def bench_table(res: dict) -> str:
     "A small text table of a `bench_retriever` result."
     q = res['qps']; ref = q['rank_bm25 single']
