@@ -16,10 +16,7 @@ from .agent import CodeAgent, Trajectory
 from .scoring import extract_answer, is_correct
 
 # %% auto #0
-__all__ = ['MODES', 'done_ids', 'generate_cot', 'generate_trajectories', 'generate_all', 'record_correct', 'drop_reason',
-           'filter_trajectories', 'to_dataset', 'TeacherRunConfig', 'teacher_examples', 'teacher_test_examples',
-           'world_train_splits', 'math_validation', 'math_train_pool', 'validation_examples', 'run_teacher',
-           'teacher_report', 'failure_patterns']
+__all__ = ['done_ids', 'generate_cot', 'generate_trajectories', 'record_correct', 'drop_reason', 'filter_trajectories', 'to_dataset', 'world_train_splits', 'math_validation', 'math_train_pool', 'validation_examples', 'teacher_report', 'failure_patterns', 'MODES', 'generate_all', 'TeacherRunConfig', 'teacher_examples', 'teacher_test_examples', 'run_teacher']
 
 # %% ../nbs/08_teacher.ipynb #12b2c6c7
 def done_ids(path) -> set:
@@ -95,62 +92,6 @@ def _agent_record(e: Example, local, lm, make_sandbox, prefix: str | None, ftp: 
     t = local.agent.run(e.question, e.domain, prefix=prefix, id=e.id, gold=e.answer)
     return _traj_record(t, e, ftp)
 
-# %% ../nbs/08_teacher.ipynb #3b4c5d6e
-from concurrent.futures import wait, FIRST_COMPLETED
-MODES = ('cot', 'agent', 'agent_ftp')
-
-def generate_all(examples: list[Example],    # questions to answer in every mode, in the order to take them
-                 lm,                         # the teacher
-                 make_sandbox,               # () -> Sandbox with the tools (one per worker thread)
-                 out_dir,                    # folder of cot.jsonl, agent.jsonl, agent_ftp.jsonl (appended; resumed by id)
-                 workers: int = 1,           # concurrent requests
-                 cot_max_new_tokens: int = 512,
-                 on_record=None,             # called as on_record(mode, record) after each record is written
-                 modes: tuple = MODES,       # which of 'cot', 'agent', 'agent_ftp' to generate (FTP needs 'cot')
-                 **agent_kw) -> dict[str, list[dict]]:  # passed to `CodeAgent`
-    "CoT answers and agent trajectories without and with FTP for `examples`, in one pool (resumable); the new records."
-    if bad := set(modes) - set(MODES): raise ValueError(f"unknown modes {sorted(bad)}; choose from {MODES}")
-    if 'agent_ftp' in modes and 'cot' not in modes: raise ValueError("'agent_ftp' needs 'cot': the prefix comes from the CoT answer")
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    paths = {m: out/f'{m}.jsonl' for m in MODES}
-    everything = {e.id for e in examples}
-    done = {m: done_ids(p) if m in modes else everything for m, p in paths.items()}  # a mode left out counts as done
-    wanted = {e.id for e in examples}
-    cot = {r['id']: r['cot'] for r in iter_jsonl(paths['cot']) if r['id'] in wanted}
-    def feed():  # the work in question order: a question's CoT and plain run; its FTP run if its CoT already exists
-        for e in examples:
-            if e.id not in done['cot']: yield 'cot', e, None
-            elif e.id not in done['agent_ftp']: yield 'agent_ftp', e, first_thought_prefix(cot[e.id])
-            if e.id not in done['agent']: yield 'agent', e, None
-    locks, local, new, futs = {m: threading.Lock() for m in MODES}, threading.local(), {m: [] for m in MODES}, {}
-    def job(mode, e, prefix):
-        rec = (_cot_record(e, lm, cot_max_new_tokens) if mode == 'cot' else
-               _agent_record(e, local, lm, make_sandbox, prefix, mode == 'agent_ftp', agent_kw))
-        with locks[mode]: append_jsonl(paths[mode], rec)
-        return rec
-    pool, queue, pending = ThreadPoolExecutor(max(1, workers)), feed(), set()
-    def submit(mode, e, prefix):
-        f = pool.submit(job, mode, e, prefix); futs[f] = (mode, e); pending.add(f)
-    def fill():  # only as much work as there are workers: the rest waits its turn, FTP runs go ahead of it
-        while len(pending) < max(1, workers) and (unit := next(queue, None)): submit(*unit)
-    todo = sum(e.id not in done[m] for e in examples for m in modes)
-    try:
-        with tqdm(total=len(modes) * len(examples), initial=len(modes) * len(examples) - todo, desc=f"teacher ({', '.join(modes)})") as bar:
-            fill()
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    pending.discard(f)
-                    (mode, e), rec = futs.pop(f), f.result()
-                    new[mode].append(rec); bar.update(1)
-                    if mode == 'cot' and e.id not in done['agent_ftp']: submit('agent_ftp', e, first_thought_prefix(rec['cot']))
-                    if on_record: on_record(mode, rec)
-                fill()
-    except BaseException:  # interrupted or failed: the requests in flight finish and are written, nothing new starts
-        pool.shutdown(wait=True, cancel_futures=True); raise
-    pool.shutdown()
-    return new
-
 # %% ../nbs/08_teacher.ipynb #bd4dcc80
 def record_correct(r: dict) -> bool:
     "Score a stored record (agent or CoT) again with `scoring.is_correct`: its stored `correct` flag may predate a scoring fix."
@@ -179,7 +120,226 @@ def to_dataset(records: list[dict]):
     cols = ['id', 'source', 'domain', 'ftp', 'messages']
     return Dataset.from_list([{k: r.get(k) for k in cols} for r in records])
 
-# %% ../nbs/08_teacher.ipynb #78356e91
+# %% ../nbs/08_teacher.ipynb #5246994a
+import random
+
+def world_train_splits(seed: int = 0,           # world benchmark seed
+                       n_first: int = 300,      # the first teacher run's questions
+                       n_validation: int = 150  # validation questions
+                      ) -> dict[str, list[Example]]:
+    "World-train cut into 'first' (the first teacher run), 'validation' and 'rest' (more teacher data); disjoint."
+    from agent_distillation.world import make_world_benchmark
+    world = make_world_benchmark(seed).train
+    first = random.Random(seed).sample(world, n_first)  # exactly the first run's draw (its order too)
+    taken = {e.id for e in first}
+    validation = random.Random(f'{seed}-validation').sample([e for e in world if e.id not in taken], n_validation)
+    taken |= {e.id for e in validation}
+    return dict(first=first, validation=validation, rest=[e for e in world if e.id not in taken])
+
+# %% ../nbs/08_teacher.ipynb #302ba256
+def math_validation(seed: int = 0, n: int = 60) -> list[Example]:
+    "MATH-medium validation questions (seeded; never teacher or training data)."
+    from agent_distillation.data import load_benchmark
+    pool = load_benchmark('math_medium', 'train')
+    return random.Random(f'{seed}-validation').sample(pool, n)
+
+def math_train_pool(name: str = 'math', seed: int = 0) -> list[Example]:
+    "MATH questions a teacher run may use, in seeded order: all of `name` minus the validation questions."
+    from agent_distillation.data import load_benchmark
+    held = {e.id for e in math_validation(seed)} if name == 'math_medium' else set()
+    pool = [e for e in load_benchmark(name, 'train') if e.id not in held]
+    return random.Random(seed).sample(pool, len(pool))
+
+# %% ../nbs/08_teacher.ipynb #b1a557b6
+def validation_examples(seed: int = 0) -> list[Example]:
+    "The validation split: 150 world-train and 60 MATH-medium questions that no teacher run or student trains on."
+    return world_train_splits(seed)['validation'] + math_validation(seed)
+
+# %% ../nbs/08_teacher.ipynb #6dbfacb7
+def _question_types(seed: int) -> dict:
+    "World question id -> its type (bridge, comparison, arithmetic), over train and test."
+    from agent_distillation.world import make_world_benchmark
+    wb = make_world_benchmark(seed)
+    return {e.id: e.meta['type'] for e in wb.train + wb.test}
+
+def _paired(files: dict) -> set:
+    "Ids answered in every mode of a run."
+    ids = [set(r['id'] for r in rs) for rs in files.values() if rs]
+    return set.intersection(*ids) if ids else set()
+
+def _accuracy_row(mode: str, rs: list, kinds: dict) -> dict:
+    "One mode's accuracy (%): overall, by domain, and by question type for the world questions."
+    import pandas as pd
+    df = pd.DataFrame([dict(group=r['domain'] if r['domain'] == 'math' else 'fact: ' + kinds.get(r['id'], '?'),
+                            domain=r['domain'], correct=record_correct(r)) for r in rs])
+    row = {'mode': mode, 'n': len(df), 'all (%)': 100 * df.correct.mean()}
+    row |= {f'{d} (%)': 100 * g.correct.mean() for d, g in df.groupby('domain')}
+    return row | {f'{k} (%)': 100 * g.correct.mean() for k, g in df[df.domain == 'fact'].groupby('group')}
+
+def _cost_row(mode: str, rs: list) -> dict:
+    "One agent mode's spending per question: steps, retrievals, errors, generated tokens, seconds."
+    mean = lambda k: sum(r[k] for r in rs) / len(rs)
+    return {'mode': mode, 'steps': mean('n_steps'), 'retrievals': mean('retrieval_calls'), 'code errors': mean('code_errors'),
+            'parse failures': mean('parse_failures'), 'gen. tokens': mean('completion_tokens'), 'sec/question': mean('wall_s')}
+
+# %% ../nbs/08_teacher.ipynb #95c5c195
+def teacher_report(out_dir='runs/cpu/teacher',  # a `run_teacher` folder
+                   seed: int = 0                 # the world benchmark's seed (for question types)
+                  ) -> dict:
+    "Accuracy by mode x domain/type, kept/dropped counts and agent costs of a teacher run, on the ids all modes answered."
+    import pandas as pd
+    from agent_distillation.core import load_json
+    out = Path(out_dir)
+    names = {'cot': 'CoT', 'agent': 'agent', 'agent_ftp': 'agent + FTP'}
+    files = {n: read_jsonl(out/f'{n}.jsonl') for n in names}
+    if not any(files.values()): raise FileNotFoundError(f'no teacher records in {out}: run `agent-distill teacher --out_dir {out}`')
+    ids, kinds = _paired(files), _question_types(seed)
+    rows, kept, cost = [], [], []
+    for n, rs in files.items():
+        rs = [r for r in rs if r['id'] in ids]
+        if not rs: continue
+        rows.append(_accuracy_row(names[n], rs, kinds))
+        if n == 'cot': continue
+        k, reasons = filter_trajectories(rs)
+        kept.append({'mode': names[n], 'kept': len(k), **{r: c for r, c in reasons.items() if r != 'kept'}})
+        cost.append(_cost_row(names[n], rs))
+    prov = load_json(out/'provenance.json') if (out/'provenance.json').exists() else {}
+    frame = lambda rows: pd.DataFrame(rows).set_index('mode') if rows else pd.DataFrame(index=pd.Index([], name='mode'))
+    return dict(accuracy=frame(rows).round(1), kept=frame(kept).fillna(0).astype(int), cost=frame(cost).round(2), paired=len(ids),
+                done={n: len(rs) for n, rs in files.items()}, provenance=prov)
+
+# %% ../nbs/08_teacher.ipynb #f6071829
+import ast
+
+def _constant_answer(r: dict) -> bool:
+    "Whether the trajectory's final action is `final_answer(<a constant>)` (worked out in the thought, not in code)."
+    final = [s for s in r.get('steps', []) if s.get('is_final')]
+    try: tree = ast.parse(final[-1]['code']) if final else None
+    except SyntaxError: return False
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, 'id', None) == 'final_answer'] if tree else []
+    return bool(calls) and bool(calls[-1].args) and isinstance(calls[-1].args[0], ast.Constant)
+
+def _pct(xs) -> float:
+    "Percentage of true items (NaN for none)."
+    return 100 * sum(map(bool, xs)) / len(xs) if xs else float('nan')
+
+def _pattern_row(mode: str, dom: str, rs: list, kinds: dict) -> dict:
+    "How often each failure pattern occurs (%) in one mode's records of one domain."
+    arith = [r for r in rs if kinds.get(r['id']) == 'arithmetic']
+    return {'mode': mode, 'domain': dom, 'n': len(rs), 'right': _pct([record_correct(r) for r in rs]),
+            'no final answer': _pct([not r['answered'] for r in rs]),
+            'a step did not parse': _pct([r['parse_failures'] for r in rs]),
+            'code raised': _pct([r['code_errors'] for r in rs]),
+            'no retrieval': _pct([r['retrieval_calls'] == 0 for r in rs]) if dom == 'fact' else float('nan'),
+            'arithmetic: constant answer': _pct([_constant_answer(r) for r in arith]),
+            'arithmetic: constant answer, right': _pct([record_correct(r) for r in arith if _constant_answer(r)]),
+            'arithmetic: computed in code, right': _pct([record_correct(r) for r in arith if not _constant_answer(r)])}
+
+# %% ../nbs/08_teacher.ipynb #4f8e13f7
+def failure_patterns(out_dir='runs/cpu/teacher',  # a `run_teacher` folder
+                     seed: int = 0):               # the world benchmark's seed (for question types)
+    "Per agent mode and domain, on the ids every mode answered: how often each failure pattern occurs (%)."
+    import pandas as pd
+    out = Path(out_dir)
+    files = {n: read_jsonl(out/f'{n}.jsonl') for n in ('cot', 'agent', 'agent_ftp')}
+    ids, kinds = _paired(files), _question_types(seed)
+    rows = []
+    for n, name in (('agent', 'agent'), ('agent_ftp', 'agent + FTP')):
+        for dom in ('fact', 'math'):
+            rs = [r for r in files[n] if r['id'] in ids and r['domain'] == dom]
+            if rs: rows.append(_pattern_row(name, dom, rs, kinds))
+    return pd.DataFrame(rows).set_index(['mode', 'domain']).round(1)
+
+# %% ../nbs/08a_teacher_run.ipynb #c96b68aa
+from concurrent.futures import wait, FIRST_COMPLETED
+MODES = ('cot', 'agent', 'agent_ftp')
+
+def _check_modes(modes: tuple):
+    "Refuse unknown modes, and FTP without the CoT answers its prefix comes from."
+    if bad := set(modes) - set(MODES): raise ValueError(f"unknown modes {sorted(bad)}; choose from {MODES}")
+    if 'agent_ftp' in modes and 'cot' not in modes: raise ValueError("'agent_ftp' needs 'cot': the prefix comes from the CoT answer")
+
+def _work_queue(examples: list, done: dict, cot: dict):
+    "The work in question order: a question's CoT and plain run; its FTP run if its CoT already exists."
+    for e in examples:
+        if e.id not in done['cot']: yield 'cot', e, None
+        elif e.id not in done['agent_ftp']: yield 'agent_ftp', e, first_thought_prefix(cot[e.id])
+        if e.id not in done['agent']: yield 'agent', e, None
+
+def _resume_state(examples: list, out_dir, modes: tuple) -> tuple[dict, dict, dict]:
+    "A run folder's files by mode, the ids each mode has done (a mode left out counts as done), and the CoT texts written."
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    paths, everything = {m: out/f'{m}.jsonl' for m in MODES}, {e.id for e in examples}
+    done = {m: done_ids(p) if m in modes else everything for m, p in paths.items()}
+    return paths, done, {r['id']: r['cot'] for r in iter_jsonl(paths['cot']) if r['id'] in everything}
+
+# %% ../nbs/08a_teacher_run.ipynb #232b3e04
+class _ModePool:
+    "At most `workers` units (mode, example, prefix) in flight; each record appended to its mode's file as it finishes."
+    def __init__(self, work, paths: dict, workers: int):
+        self.work, self.paths, self.workers = work, paths, max(1, workers)
+        self.pool, self.pending, self.futs = ThreadPoolExecutor(self.workers), set(), {}
+        self.locks = {m: threading.Lock() for m in paths}
+
+    def _job(self, mode, e, prefix):
+        rec = self.work(mode, e, prefix)
+        with self.locks[mode]: append_jsonl(self.paths[mode], rec)
+        return rec
+
+    def submit(self, mode, e, prefix):
+        f = self.pool.submit(self._job, mode, e, prefix); self.futs[f] = (mode, e); self.pending.add(f)
+
+# %% ../nbs/08a_teacher_run.ipynb #9c458290
+from fastcore.basics import patch
+
+@patch
+def fill(self: _ModePool, queue):
+    "Submit from `queue` until `workers` units are in flight (or the queue is empty)."
+    while len(self.pending) < self.workers and (unit := next(queue, None)): self.submit(*unit)
+
+@patch
+def drain(self: _ModePool, queue, after):
+    "Run `queue` to its end; `after(mode, example, record)` is called as each unit finishes and may submit more."
+    try:
+        self.fill(queue)
+        while self.pending:
+            finished, _ = wait(self.pending, return_when=FIRST_COMPLETED)
+            for f in finished:
+                self.pending.discard(f)
+                (mode, e), rec = self.futs.pop(f), f.result()
+                after(mode, e, rec)
+            self.fill(queue)
+    except BaseException:  # interrupted or failed: the requests in flight finish and are written, nothing new starts
+        self.pool.shutdown(wait=True, cancel_futures=True); raise
+    self.pool.shutdown()
+
+# %% ../nbs/08a_teacher_run.ipynb #b16667df
+def generate_all(examples: list[Example],    # questions to answer in every mode, in the order to take them
+                 lm,                         # the teacher
+                 make_sandbox,               # () -> Sandbox with the tools (one per worker thread)
+                 out_dir,                    # folder of cot.jsonl, agent.jsonl, agent_ftp.jsonl (appended; resumed by id)
+                 workers: int = 1,           # concurrent requests
+                 cot_max_new_tokens: int = 512,
+                 on_record=None,             # called as on_record(mode, record) after each record is written
+                 modes: tuple = MODES,       # which of 'cot', 'agent', 'agent_ftp' to generate (FTP needs 'cot')
+                 **agent_kw) -> dict[str, list[dict]]:  # passed to `CodeAgent`
+    "CoT answers and agent trajectories without and with FTP for `examples`, in one pool (resumable); the new records."
+    _check_modes(modes)
+    paths, done, cot = _resume_state(examples, out_dir, modes)
+    local = threading.local()
+    work = lambda mode, e, prefix: (_cot_record(e, lm, cot_max_new_tokens) if mode == 'cot' else
+                                    _agent_record(e, local, lm, make_sandbox, prefix, mode == 'agent_ftp', agent_kw))
+    pool, new = _ModePool(work, paths, workers), {m: [] for m in MODES}
+    def after(mode, e, rec):  # an FTP run goes ahead of the queue as soon as its CoT answer exists
+        new[mode].append(rec); bar.update(1)
+        if mode == 'cot' and e.id not in done['agent_ftp']: pool.submit('agent_ftp', e, first_thought_prefix(rec['cot']))
+        if on_record: on_record(mode, rec)
+    total = len(modes) * len(examples); todo = sum(e.id not in done[m] for e in examples for m in modes)
+    with tqdm(total=total, initial=total - todo, desc=f"teacher ({', '.join(modes)})") as bar:
+        pool.drain(_work_queue(examples, done, cot), after)
+    return new
+
+# %% ../nbs/08a_teacher_run.ipynb #78356e91
 @dataclass
 class TeacherRunConfig:
     "Settings of a teacher data-generation run (recorded in provenance.json)."
@@ -196,13 +356,13 @@ class TeacherRunConfig:
     chunk: int = 40             # the questions alternate in blocks of this many, both domains in proportion (30 + 10)
     max_steps: int = 5          # paper: 5
     max_new_tokens: int = 512   # per agent step (paper: 1024)
-    step_prefix: str = 'Thought:'  # every agent turn starts with it: keeps the teacher in the format (see below)
+    step_prefix: str = 'Thought:'  # every agent turn starts with it: keeps the teacher in the format (see above)
     cot_max_new_tokens: int = 768
     n_ctx: int = 8192           # context per slot
     threads: int | None = None  # llama.cpp threads (default: all cores)
     binary: str | None = None   # llama-server binary (default: $LLAMA_SERVER, PATH, or llama-cpp-python's server)
 
-# %% ../nbs/08_teacher.ipynb #0ff5e72f
+# %% ../nbs/08a_teacher_run.ipynb #0ff5e72f
 def teacher_examples(cfg: TeacherRunConfig) -> list[Example]:
     "The questions of a run: world-train questions of `cfg.world_split`, then MATH ones, interleaved in chunks."
     world = world_train_splits(cfg.seed)[cfg.world_split][:cfg.n_world]
@@ -221,40 +381,7 @@ def teacher_test_examples(cfg: TeacherRunConfig) -> list[Example]:
     test = make_world_benchmark(cfg.seed).test
     return random.Random(cfg.seed).sample(test, min(cfg.n_world_test, len(test)))
 
-# %% ../nbs/08_teacher.ipynb #5246994a
-import random
-
-def world_train_splits(seed: int = 0,           # world benchmark seed
-                       n_first: int = 300,      # the first teacher run's questions
-                       n_validation: int = 150  # validation questions
-                      ) -> dict[str, list[Example]]:
-    "World-train cut into 'first' (the first teacher run), 'validation' and 'rest' (more teacher data); disjoint."
-    from agent_distillation.world import make_world_benchmark
-    world = make_world_benchmark(seed).train
-    first = random.Random(seed).sample(world, n_first)  # exactly the first run's draw (its order too)
-    taken = {e.id for e in first}
-    validation = random.Random(f'{seed}-validation').sample([e for e in world if e.id not in taken], n_validation)
-    taken |= {e.id for e in validation}
-    return dict(first=first, validation=validation, rest=[e for e in world if e.id not in taken])
-
-def math_validation(seed: int = 0, n: int = 60) -> list[Example]:
-    "MATH-medium validation questions (seeded; never teacher or training data)."
-    from agent_distillation.data import load_benchmark
-    pool = load_benchmark('math_medium', 'train')
-    return random.Random(f'{seed}-validation').sample(pool, n)
-
-def math_train_pool(name: str = 'math', seed: int = 0) -> list[Example]:
-    "MATH questions a teacher run may use, in seeded order: all of `name` minus the validation questions."
-    from agent_distillation.data import load_benchmark
-    held = {e.id for e in math_validation(seed)} if name == 'math_medium' else set()
-    pool = [e for e in load_benchmark(name, 'train') if e.id not in held]
-    return random.Random(seed).sample(pool, len(pool))
-
-def validation_examples(seed: int = 0) -> list[Example]:
-    "The validation split: 150 world-train and 60 MATH-medium questions that no teacher run or student trains on."
-    return world_train_splits(seed)['validation'] + math_validation(seed)
-
-# %% ../nbs/08_teacher.ipynb #e17354b6
+# %% ../nbs/08a_teacher_run.ipynb #e17354b6
 def _provenance(cfg: TeacherRunConfig, lm_info: dict, session: dict) -> dict:
     "The run's provenance: settings, model identity, prompts, sessions, results so far."
     from agent_distillation.registry import OFFLINE_MODELS
@@ -279,7 +406,7 @@ def _provenance(cfg: TeacherRunConfig, lm_info: dict, session: dict) -> dict:
                            f"--n_world_test {cfg.n_world_test} --seed {cfg.seed} --world_split {cfg.world_split} "
                            f"--math_benchmark {cfg.math_benchmark} --modes {','.join(cfg.modes)}")
 
-# %% ../nbs/08_teacher.ipynb #4e678aa6
+# %% ../nbs/08a_teacher_run.ipynb #e8d6043d
 import os, platform, signal
 
 def _cpu_model() -> str:
@@ -292,39 +419,62 @@ def _interrupt(signum, frame):
     "SIGTERM as Ctrl-C, so a stopped run still writes its provenance."
     raise KeyboardInterrupt(f'signal {signum}')
 
-def run_teacher(cfg: TeacherRunConfig = TeacherRunConfig()) -> dict:
-    "Generate (or resume) the teacher's CoT answers and agent trajectories with and without FTP; returns provenance."
+def _new_session(cfg: TeacherRunConfig) -> dict:
+    "A session's entry in the provenance: when it started, its slots, and the CPU it runs on (throughput differs between machines)."
     import datetime
-    from agent_distillation.core import save_json
-    from agent_distillation.models import LlamaServer, OpenAILM
+    return dict(start=datetime.datetime.now().isoformat(timespec='seconds'), wall_s=0.0, generated=0, workers=cfg.workers,
+                cpu=_cpu_model())
+
+def _generated(out: Path) -> int:
+    "Records written so far in a run folder (training and test questions, every mode)."
+    return sum(len(done_ids(d/f'{n}.jsonl')) for d in (out, out/'test') for n in MODES)
+
+# %% ../nbs/08a_teacher_run.ipynb #952ac149
+def _world_sandboxes(seed: int):
+    "() -> a new Sandbox whose `retrieve` searches the world benchmark's corpus (one per worker thread)."
     from agent_distillation.sandbox import Sandbox
     from agent_distillation.retriever import make_retrieve_tool
     from agent_distillation.world import make_world_benchmark, world_retriever
+    retrieve = make_retrieve_tool(world_retriever(make_world_benchmark(seed)), k=3)
+    return lambda: Sandbox(tools=[retrieve])
+
+# %% ../nbs/08a_teacher_run.ipynb #cf1a7e19
+def _session_recorder(cfg: TeacherRunConfig, info: dict, session: dict, before: int, t0: float):
+    "() -> provenance: update the session (end, wall time, records written since `before`) and save provenance.json."
+    import datetime
+    from agent_distillation.core import save_json
+    out = Path(cfg.out_dir)
+    def record():
+        session.update(end=datetime.datetime.now().isoformat(timespec='seconds'), wall_s=round(time.time() - t0, 1),
+                       generated=_generated(out) - before)
+        save_json(out/'provenance.json', prov := _provenance(cfg, info, session))
+        return prov
+    return record
+
+def _every(n: int, f):
+    "An `on_record` callback that calls `f()` after every `n` records written."
+    written = []
+    def tick(mode, rec):
+        written.append(mode)
+        if len(written) % n == 0: f()
+    return tick
+
+# %% ../nbs/08a_teacher_run.ipynb #79dba6f2
+def run_teacher(cfg: TeacherRunConfig = TeacherRunConfig()) -> dict:
+    "Generate (or resume) the teacher's CoT answers and agent trajectories with and without FTP; returns provenance."
+    from agent_distillation.models import LlamaServer, OpenAILM
     out = Path(cfg.out_dir); out.mkdir(parents=True, exist_ok=True)
-    exs, test = teacher_examples(cfg), teacher_test_examples(cfg)
-    retrieve = make_retrieve_tool(world_retriever(make_world_benchmark(cfg.seed)), k=3)
-    make_sandbox = lambda: Sandbox(tools=[retrieve])
-    count = lambda: sum(len(done_ids(d/f'{n}.jsonl')) for d in (out, out/'test') for n in MODES)
-    session = dict(start=datetime.datetime.now().isoformat(timespec='seconds'), wall_s=0.0, generated=0, workers=cfg.workers,
-                   cpu=_cpu_model())  # throughput differs between machines: each session says which CPU it ran on
-    before = count()
-    t0 = time.time()
+    exs, test, make_sandbox = teacher_examples(cfg), teacher_test_examples(cfg), _world_sandboxes(cfg.seed)
+    session, before, t0 = _new_session(cfg), _generated(out), time.time()
+    agent_kw = dict(max_steps=cfg.max_steps, max_new_tokens=cfg.max_new_tokens, step_prefix=cfg.step_prefix)
     with LlamaServer(cfg.model, n_ctx=cfg.n_ctx, parallel=cfg.workers, threads=cfg.threads, binary=cfg.binary) as srv:
         lm = OpenAILM(srv.base_url, srv.model, tokenizer=cfg.model, max_concurrency=cfg.workers)
         info = dict(server='llama.cpp ' + ('llama-server' if srv.backend != 'python' else 'llama-cpp-python'),
                     parallel_slots=cfg.workers, n_ctx_per_slot=cfg.n_ctx, gguf=srv.gguf.name)
-        agent_kw = dict(max_steps=cfg.max_steps, max_new_tokens=cfg.max_new_tokens, step_prefix=cfg.step_prefix)
-        def record():  # every few records, so an interrupted run still says what it did
-            session.update(end=datetime.datetime.now().isoformat(timespec='seconds'), wall_s=round(time.time() - t0, 1),
-                           generated=count() - before)
-            save_json(out/'provenance.json', prov := _provenance(cfg, info, session))
-            return prov
+        record = _session_recorder(cfg, info, session, before, t0)  # every few records, so an interrupted run still says what it did
+        tick = _every(cfg.workers, record)
         term = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
         try:
-            written = []
-            def tick(mode, rec):
-                written.append(mode)
-                if len(written) % cfg.workers == 0: record()
             generate_all(exs, lm, make_sandbox, out, cfg.workers, cfg.cot_max_new_tokens, on_record=tick, modes=cfg.modes, **agent_kw)
             record()  # then the held-out questions: accuracy only, never training data
             if test: generate_all(test, lm, make_sandbox, out/'test', cfg.workers, cfg.cot_max_new_tokens, on_record=tick, modes=cfg.modes, **agent_kw)
@@ -332,86 +482,3 @@ def run_teacher(cfg: TeacherRunConfig = TeacherRunConfig()) -> dict:
             prov = record()
             if term is not None: signal.signal(signal.SIGTERM, term)
     return prov
-
-# %% ../nbs/08_teacher.ipynb #6dbfacb7
-def _question_types(seed: int) -> dict:
-    "World question id -> its type (bridge, comparison, arithmetic), over train and test."
-    from agent_distillation.world import make_world_benchmark
-    wb = make_world_benchmark(seed)
-    return {e.id: e.meta['type'] for e in wb.train + wb.test}
-
-def _paired(files: dict) -> set:
-    "Ids answered in every mode of a run."
-    ids = [set(r['id'] for r in rs) for rs in files.values() if rs]
-    return set.intersection(*ids) if ids else set()
-
-def teacher_report(out_dir='runs/cpu/teacher',  # a `run_teacher` folder
-                   seed: int = 0                 # the world benchmark's seed (for question types)
-                  ) -> dict:
-    "Accuracy by mode x domain/type, kept/dropped counts and agent costs of a teacher run, on the ids all modes answered."
-    import pandas as pd
-    from agent_distillation.core import load_json
-    out = Path(out_dir)
-    names = {'cot': 'CoT', 'agent': 'agent', 'agent_ftp': 'agent + FTP'}
-    files = {n: read_jsonl(out/f'{n}.jsonl') for n in names}
-    if not any(files.values()): raise FileNotFoundError(f'no teacher records in {out}: run `agent-distill teacher --out_dir {out}`')
-    ids = _paired(files)
-    kinds = _question_types(seed)
-    rows, kept, cost = [], [], []
-    for n, rs in files.items():
-        rs = [r for r in rs if r['id'] in ids]
-        if not rs: continue
-        df = pd.DataFrame([dict(group=r['domain'] if r['domain'] == 'math' else 'fact: ' + kinds.get(r['id'], '?'),
-                                domain=r['domain'], correct=record_correct(r)) for r in rs])
-        row = {'mode': names[n], 'n': len(df), 'all (%)': 100 * df.correct.mean()}
-        row |= {f'{d} (%)': 100 * g.correct.mean() for d, g in df.groupby('domain')}
-        row |= {f'{k} (%)': 100 * g.correct.mean() for k, g in df[df.domain == 'fact'].groupby('group')}
-        rows.append(row)
-        if n == 'cot': continue
-        k, reasons = filter_trajectories(rs)
-        kept.append({'mode': names[n], 'kept': len(k), **{r: c for r, c in reasons.items() if r != 'kept'}})
-        cost.append({'mode': names[n], 'steps': sum(r['n_steps'] for r in rs) / len(rs),
-                     'retrievals': sum(r['retrieval_calls'] for r in rs) / len(rs),
-                     'code errors': sum(r['code_errors'] for r in rs) / len(rs),
-                     'parse failures': sum(r['parse_failures'] for r in rs) / len(rs),
-                     'gen. tokens': sum(r['completion_tokens'] for r in rs) / len(rs),
-                     'sec/question': sum(r['wall_s'] for r in rs) / len(rs)})
-    prov = load_json(out/'provenance.json') if (out/'provenance.json').exists() else {}
-    frame = lambda rows: pd.DataFrame(rows).set_index('mode') if rows else pd.DataFrame(index=pd.Index([], name='mode'))
-    return dict(accuracy=frame(rows).round(1), kept=frame(kept).fillna(0).astype(int), cost=frame(cost).round(2), paired=len(ids),
-                done={n: len(rs) for n, rs in files.items()}, provenance=prov)
-
-# %% ../nbs/08_teacher.ipynb #f6071829
-import ast
-
-def _constant_answer(r: dict) -> bool:
-    "Whether the trajectory's final action is `final_answer(<a constant>)` (worked out in the thought, not in code)."
-    final = [s for s in r.get('steps', []) if s.get('is_final')]
-    try: tree = ast.parse(final[-1]['code']) if final else None
-    except SyntaxError: return False
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, 'id', None) == 'final_answer'] if tree else []
-    return bool(calls) and bool(calls[-1].args) and isinstance(calls[-1].args[0], ast.Constant)
-
-def failure_patterns(out_dir='runs/cpu/teacher',  # a `run_teacher` folder
-                     seed: int = 0):               # the world benchmark's seed (for question types)
-    "Per agent mode and domain, on the ids every mode answered: how often each failure pattern occurs (%)."
-    import pandas as pd
-    out = Path(out_dir)
-    files = {n: read_jsonl(out/f'{n}.jsonl') for n in ('cot', 'agent', 'agent_ftp')}
-    ids, kinds = _paired(files), _question_types(seed)
-    rows = []
-    for n, name in (('agent', 'agent'), ('agent_ftp', 'agent + FTP')):
-        for dom in ('fact', 'math'):
-            rs = [r for r in files[n] if r['id'] in ids and r['domain'] == dom]
-            if not rs: continue
-            pct = lambda xs: 100 * sum(map(bool, xs)) / len(xs) if xs else float('nan')
-            arith = [r for r in rs if kinds.get(r['id']) == 'arithmetic']
-            rows.append({'mode': name, 'domain': dom, 'n': len(rs), 'right': pct([record_correct(r) for r in rs]),
-                         'no final answer': pct([not r['answered'] for r in rs]),
-                         'a step did not parse': pct([r['parse_failures'] for r in rs]),
-                         'code raised': pct([r['code_errors'] for r in rs]),
-                         'no retrieval': pct([r['retrieval_calls'] == 0 for r in rs]) if dom == 'fact' else float('nan'),
-                         'arithmetic: constant answer': pct([_constant_answer(r) for r in arith]),
-                         'arithmetic: constant answer, right': pct([record_correct(r) for r in arith if _constant_answer(r)]),
-                         'arithmetic: computed in code, right': pct([record_correct(r) for r in arith if not _constant_answer(r)])})
-    return pd.DataFrame(rows).set_index(['mode', 'domain']).round(1)
