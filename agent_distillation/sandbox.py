@@ -49,7 +49,9 @@ ALLOWED_IMPORTS = PAPER_IMPORTS + ('fractions', 'decimal', 'functools', 'operato
 
 # %% ../nbs/03_sandbox.ipynb #7e63a18f
 _MAX_MSG = 64 << 20        # bytes; the most any message may have (the parent's tool results)
+
 _MAX_UNTRUSTED = 4 << 20   # bytes; the most a message from the worker may have
+
 _MAX_ITEMS = 200_000       # brackets and separators in one message from the worker: bounds what it decodes into
 
 class SandboxDied(Exception):
@@ -68,6 +70,7 @@ def _send_by(sock, obj, deadline: float, fds=()):
     "`_send` that gives up (`TimeoutError`) at `deadline`: a peer that stops reading cannot block us."
     sock.settimeout(max(0.1, deadline - time.monotonic())); _send(sock, obj, fds)
 
+# %% ../nbs/03_sandbox.ipynb #71fe621a
 def _decode(data: bytes, max_items: int | None = None) -> dict:
     "One message body as a dict; garbage, a non-object or too many items raises `SandboxDied`."
     if max_items is not None and sum(data.count(c) for c in b'[{,:') > max_items:
@@ -102,6 +105,7 @@ def _recv_exact(sock, n: int, fds: list | None = None) -> bytes:
         buf += chunk
     return buf
 
+# %% ../nbs/03_sandbox.ipynb #124ba718
 def _recv(sock, fds: list | None = None) -> dict:
     "Receive one message from a trusted sender; a closed channel or garbage raises `SandboxDied`."
     (n,) = struct.unpack('!I', _recv_exact(sock, 4, fds))
@@ -233,6 +237,7 @@ def _transform(tree, protected=frozenset()):
     _check_names(tree, protected)
     return ast.fix_missing_locations(_KeepFinal().visit(tree))
 
+# %% ../nbs/03_sandbox.ipynb #e42da99a
 def _run_cell(code: str, ns: dict, fname: str, protected=frozenset()):
     "Execute `code` in `ns` like a notebook cell: statements, then print the repr of a last bare expression."
     linecache.cache[fname] = (len(code), None, code.splitlines(True), fname)
@@ -381,6 +386,7 @@ def _mount_scratch(path: str, cfg: dict):
 
 _SLOT = re.compile(r'\.fork-\d+-\d+\Z')
 
+# %% ../nbs/03_sandbox.ipynb #c624869c
 def _slot_dir(cfg: dict, slots: set, home, name) -> str:
     "The path of candidate slot `name` under the worker's `home` (slot names from scratch); ValueError unless both are well formed."
     if not isinstance(home, list) or not all(isinstance(h, str) and _SLOT.match(h) for h in [*home, name]): raise ValueError('bad slot name')
@@ -403,6 +409,7 @@ def _drop_slot(path: str):
     try: os.rmdir(path)
     except OSError: pass
 
+# %% ../nbs/03_sandbox.ipynb #74d8a754
 def _fresh_scratch(cfg: dict):
     "Replace the scratch tmpfs by a new one (the old one, whatever the code left in it, is detached and freed); check it is empty."
     path = cfg['scratch']
@@ -624,7 +631,9 @@ def __call__(self: _Guard, event: str, args: tuple):
 
 # %% ../nbs/03_sandbox.ipynb #992374b7
 _MAX_ANSWER = 100_000   # characters of JSON a final answer may take; a larger one is cut to a string
+
 _MAX_ARGS = 1 << 20     # characters of JSON a tool call's arguments may take
+
 _MAX_ERROR = 5_000      # characters of an error text
 
 def _bounded(v, limit: int = _MAX_ANSWER):
@@ -643,6 +652,7 @@ def _answer_box() -> tuple[list, Callable, Callable]:
         if box: raise _FinalAnswer()
     return box, final_answer, check
 
+# %% ../nbs/03_sandbox.ipynb #a6ceb149
 class _Worker:
     "The sandboxed side: a namespace, a channel to the parent, and a guard."
     def __init__(self, sock, cfg: dict, guard: _Guard):
@@ -748,6 +758,7 @@ def _usage(path: str) -> tuple[int, int]:
     entries = _tree(path)
     return sum(e.stat(follow_symlinks=False).st_blocks * 512 for e in entries), len(entries)
 
+# %% ../nbs/03_sandbox.ipynb #452abf3d
 @patch
 def _cannot_fork(self: _Worker, n: int, nfds: int, slots: bool = False) -> str | None:
     "Why `n` candidates cannot start here (no file descriptors left, scratch too deep to copy, no room for `n` copies of it), or None."
@@ -780,6 +791,7 @@ def _rmtree(name: str):
         os.fchdir(back); os.rmdir(name)
     finally: os.fchdir(back); os.close(back)
 
+# %% ../nbs/03_sandbox.ipynb #acb682bd
 def _remove(path: str, keep: str | None = None, prefix: str = '') -> bool:
     "Delete the entries of directory `path` whose names start with `prefix`, except `keep` (never following symlinks); whether all went."
     try: back = os.open('.', os.O_RDONLY | os.O_DIRECTORY)
@@ -800,6 +812,7 @@ def _why(e: BaseException) -> str:
         return '; '.join(sorted({re.sub(r":? ('[^']*'|`[^`]*`)", '', str(w[-1])) for w in e.args[0]}))[:200]
     return getattr(e, 'strerror', None) or type(e).__name__
 
+# %% ../nbs/03_sandbox.ipynb #feea909e
 def _copy_tree(src: str, dst: str, made: bool = False):
     "Copy the scratch files under `src` to directory `dst` (new unless `made`): directories, regular files and symlinks (no pipes, sockets or devices), without recursion."
     if not made: os.mkdir(dst, 0o700)
@@ -825,6 +838,7 @@ def _isolate(self: _Worker, name: str) -> str | None:
                     'Landlock nests at most 16 layers and each adopted candidate adds one: reset() the sandbox')
     return None
 
+# %% ../nbs/03_sandbox.ipynb #271fa900
 @patch
 def tidy(self: _Worker, keep: str | None = None, everything: bool = False):
     "Delete the candidates' scratch copies except `keep` (and with `everything`, all our other files too)."
@@ -837,6 +851,7 @@ def bind(self: _Worker):
     while os.getppid() != self.cfg['zygote'] and time.monotonic() < end: time.sleep(0.001)  # the old worker is dying
     _die_with(self.cfg['zygote'])
 
+# %% ../nbs/03_sandbox.ipynb #a840f95d
 @patch
 def serve(self: _Worker):
     "Answer requests until told to exit or the parent goes away."
@@ -878,6 +893,7 @@ def _lockdown(cfg: dict) -> tuple[dict, _Guard]:
         raise OSError(errno.ENOTEMPTY, 'the scratch directory could not be emptied for a new episode')
     return prot, guard
 
+# %% ../nbs/03_sandbox.ipynb #f87fbaa7
 def _die_with(parent: int):
     "Be killed when process `parent` ends; exit now if it already has."
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -959,6 +975,7 @@ def _zygote_slots(ctl, cfg: dict, msg: dict, slots: set):
         return _send(ctl, {'type': 'error', 'error': f'no disks for the candidates: {e}'})
     slots.update(made); _send(ctl, {'type': 'slotted'})
 
+# %% ../nbs/03_sandbox.ipynb #f1fe1cd4
 def _zygote_serve(ctl, cfg: dict, msg: dict, fds: list, statuses: dict, groups: set, slots: set):
     "Answer one request of the parent."
     if msg.get('op') in ('slots', 'unslot') and cfg.get('slots'): _zygote_slots(ctl, cfg, msg, slots)
@@ -974,6 +991,7 @@ def _zygote_serve(ctl, cfg: dict, msg: dict, fds: list, statuses: dict, groups: 
         _send(ctl, {'type': 'spawned', 'pid': pid})
     elif msg.get('op') == 'status': _send(ctl, {'type': 'status', 'status': _exit_status(statuses, msg['pid'])})
 
+# %% ../nbs/03_sandbox.ipynb #43407ca2
 def _zygote_main():
     "Entry point of the zygote process (run by `Sandbox` with `python -I -c`)."
     cfg = json.loads(sys.argv[1])
@@ -1021,6 +1039,7 @@ def _kill_cgroup(cg: dict):
             finally: os.close(fd)
         time.sleep(0.005)
 
+# %% ../nbs/03_sandbox.ipynb #392776ec
 def _zygote_exit(groups: set, statuses: dict, cg: dict):
     "Kill every process of the sandbox (its cgroup, and each worker's process group whose leader is unreaped), reap, exit."
     for g in groups - statuses.keys():
@@ -1239,6 +1258,7 @@ def _start_zygote(self: Sandbox):
     theirs.close(); self._log.close()
     self._procs.ctl = ours; self._procs.sids.add(self._procs.zygote.pid)
 
+# %% ../nbs/03_sandbox.ipynb #bf4c75e8
 @patch
 def _zygote_ready(self: Sandbox, timeout: float = 120):
     "Wait for the zygote's `ready` message (once)."
@@ -1260,6 +1280,7 @@ def _zygote_call(self: Sandbox, msg: dict, fds=(), timeout: float = 30) -> dict:
     _send(self._procs.ctl, msg, fds)
     return _recv(self._procs.ctl)
 
+# %% ../nbs/03_sandbox.ipynb #1244e6ff
 @patch
 def _spawn_worker(self: Sandbox, wipe: bool):
     "Ask the zygote for a fresh worker (empty namespace) and wait for its hello."
@@ -1303,12 +1324,12 @@ def _spawn(self: Sandbox, wipe: bool = False):
         except (SandboxDied, OSError, RuntimeError) as e: why = e
     raise _StartFailed(f'no sandbox worker could be started ({_describe(why)})')
 
+# %% ../nbs/03_sandbox.ipynb #1296be22
 @patch
 def _respawn(self: Sandbox) -> str:
     "Start a worker after the last one was lost; the sentence that tells the caller what happened."
     try: self._spawn(); return _RESTARTED
     except _StartFailed as e: return f' {e}; the next run tries again.'
-
 
 # %% ../nbs/03_sandbox.ipynb #d41c5013
 @patch
@@ -1363,6 +1384,7 @@ def _call_tool(self: Sandbox, msg: dict) -> dict:
     try: return {'op': 'tool_result', 'value': _plain(self.tools[name](*_clean(args), **_clean(kwargs)))}
     except Exception as e: return {'op': 'tool_result', 'error': _describe(e)}
 
+# %% ../nbs/03_sandbox.ipynb #79f17d77
 @patch
 def _serve(self: Sandbox, deadline: float, hard: float, nonce: str) -> dict:
     "Wait for the worker's result to request `nonce`, answering tool calls (which move `deadline`, never past `hard`)."
@@ -1414,6 +1436,7 @@ def _restart(self: Sandbox, r: ExecResult, t0: float) -> ExecResult:
     r.error += self._respawn(); r.restarted, r.duration = True, time.monotonic() - t0
     return r
 
+# %% ../nbs/03_sandbox.ipynb #76dc630d
 @patch
 def run(self: Sandbox, code: str,       # Python source written by the model
         timeout: float | None = None    # wall-clock limit for this run (default: the sandbox's)
@@ -1456,6 +1479,7 @@ def _discard_kept(self: Sandbox):
     self._procs.sweep(keep={self._pid})
     self._slots('unslot', dirs)
 
+# %% ../nbs/03_sandbox.ipynb #0853924e
 @patch
 def _slots(self: Sandbox, op: str, names: list[str]) -> bool:
     "Ask the zygote to mount a disk for each candidate in `names` (`op='slots'`) or to detach them (`'unslot'`); whether it did."
@@ -1467,6 +1491,7 @@ def _slots(self: Sandbox, op: str, names: list[str]) -> bool:
     if op == 'unslot': self._slotted.difference_update(names)
     return ok
 
+# %% ../nbs/03_sandbox.ipynb #480bfa2d
 @patch
 def _fork(self: Sandbox, codes: list[str], cpu_s: float, deadline: float) -> tuple[list, str | None]:
     "Ask the worker for one child per code, each starting on its code at once; returns (candidates, error)."
@@ -1503,6 +1528,7 @@ def _candidate_message(self: Sandbox, c: _Candidate, msg: dict, deadline: float,
     _send_by(c.sock, reply, deadline)
     return time.monotonic() - t
 
+# %% ../nbs/03_sandbox.ipynb #f26fa42f
 @patch
 def _collect(self: Sandbox, cands: list, timeout: float, deadline: float, hard: float, share_tools: bool = True) -> list:
     "Wait for every candidate's result, answering tool calls (identical calls once if `share_tools`); one result each."
@@ -1549,6 +1575,7 @@ def _tidy(self: Sandbox, keep: str | None = None, everything: bool = False) -> b
         return reply.get('type') == 'tidied' and reply.get('nonce') == nonce
     except Exception: return False
 
+# %% ../nbs/03_sandbox.ipynb #9382a63e
 @patch
 def fork_run(self: Sandbox, codes: list[str],   # candidate actions, each run from the current state
              keep: bool = False,                # keep the candidates' processes so one can be `adopt`ed
@@ -1593,6 +1620,7 @@ def adopt(self: Sandbox, i: int):
         if c.dir in self._slotted: self._home, self._slotted = self._home + [c.dir], set()  # its disk is now the worker's
         if not self._bind(): self._kill_worker()  # the next run starts a new worker and says so
 
+# %% ../nbs/03_sandbox.ipynb #38ef91ba
 @patch
 def _bind(self: Sandbox) -> bool:
     "Have an adopted worker die with the zygote (so nothing outlives a crash of the host); False if it does not confirm."
@@ -1611,6 +1639,7 @@ def reset(self: Sandbox):
         try: self._spawn(wipe=True)
         except _StartFailed: self._wipe = True  # the next run tries again, and still starts from empty scratch
 
+# %% ../nbs/03_sandbox.ipynb #b5c3e905
 @patch
 def close(self: Sandbox):
     "Kill the worker and the zygote and delete the scratch directory."
