@@ -11,8 +11,7 @@ from decimal import Decimal
 from .core import Example
 
 # %% auto #0
-__all__ = ['JUDGE_SYSTEM', 'normalize_answer', 'exact_match', 'f1', 'last_boxed', 'extract_answer', 'py_to_latex', 'math_equal',
-           'bench_scoring', 'judge_messages', 'parse_verdict', 'llm_judge', 'is_correct', 'score']
+__all__ = ['JUDGE_SYSTEM', 'normalize_answer', 'exact_match', 'f1', 'last_boxed', 'extract_answer', 'math_equal', 'judge_messages', 'parse_verdict', 'llm_judge', 'is_correct', 'score', 'py_to_latex', 'bench_scoring']
 
 # %% ../nbs/07_scoring.ipynb #20f1f9ff
 _ARTICLES = re.compile(r'\b(a|an|the)\b', re.UNICODE)
@@ -154,226 +153,6 @@ def _choice_equal(pred, gold) -> bool | None:
     p = _choice_letter(pred)
     return None if p is None else p == _choice_letter(gold)
 
-# %% ../nbs/07_scoring.ipynb #47e11879
-class _QuietTimeoutWarning(logging.Filter):
-    "Drop math-verify's warning that its own timeout is off (ours is on)."
-    def filter(self, record): return 'Timeout is disabled' not in record.getMessage()
-
-for _name in ('math_verify.parser', 'math_verify.grader'): logging.getLogger(_name).addFilter(_QuietTimeoutWarning())
-
-def _mv_parse(latex: str) -> list:
-    "math-verify's reading of `latex` as a boxed answer."
-    from math_verify import parse
-    return parse('\\boxed{' + latex + '}', parsing_timeout=None)
-
-# %% ../nbs/07_scoring.ipynb #51638b14
-def _close_paren(s: str, i: int) -> int:
-    "Index of the parenthesis closing the one at `s[i]` (-1 if unbalanced)."
-    depth = 0
-    for j in range(i, len(s)):
-        depth += {'(': 1, ')': -1}.get(s[j], 0)
-        if depth == 0: return j
-    return -1
-
-def _split_args(s: str) -> list[str]:
-    "Top-level comma-separated arguments of a call."
-    out, depth, cur = [], 0, ''
-    for ch in s:
-        depth += {'(': 1, '[': 1, '{': 1, ')': -1, ']': -1, '}': -1}.get(ch, 0)
-        if ch == ',' and depth == 0: out.append(cur.strip()); cur = ''
-        else: cur += ch
-    return out + [cur.strip()]
-
-# %% ../nbs/07_scoring.ipynb #880fe6bb
-def _py_matrix(rows: str) -> str:
-    "SymPy's `Matrix([[1, 2], [3, 4]])` / `Matrix([1, 2])` argument as a LaTeX pmatrix (a flat list is a column)."
-    rows = [r.strip() for r in _split_args(rows.strip()[1:-1])]
-    cells = [_split_args(r[1:-1]) if r.startswith('[') else [r] for r in rows]
-    return r'\begin{pmatrix} %s \end{pmatrix}' % r' \\ '.join(' & '.join(c) for c in cells)
-
-_PY_CALLS = {
-    'sqrt': lambda a: r'\sqrt{%s}' % a[0], 'exp': lambda a: r'e^{%s}' % a[0], 'Abs': lambda a: r'\left|%s\right|' % a[0],
-    'log': lambda a: r'\ln\left(%s\right)' % a[0] if len(a) == 1 else r'\log_{%s}\left(%s\right)' % (a[1], a[0]),
-    'Interval': lambda a: f'[{a[0]}, {a[1]}]', 'Interval.open': lambda a: f'({a[0]}, {a[1]})',
-    'Interval.Lopen': lambda a: f'({a[0]}, {a[1]}]', 'Interval.Ropen': lambda a: f'[{a[0]}, {a[1]})',
-    'Union': lambda a: r' \cup '.join(a), 'FiniteSet': lambda a: r'\{%s\}' % ', '.join(a),
-    'Rational': lambda a: r'\frac{%s}{%s}' % (a[0], a[1]), 'Eq': lambda a: f'{a[0]} = {a[1]}', 'Matrix': lambda a: _py_matrix(a[0]),
-    **{f: (lambda n: lambda a: r'\%s\left(%s\right)' % (n, a[0]))(l) for f, l in
-       [('sin', 'sin'), ('cos', 'cos'), ('tan', 'tan'), ('cot', 'cot'), ('sec', 'sec'), ('csc', 'csc'),
-        ('asin', 'arcsin'), ('acos', 'arccos'), ('atan', 'arctan')]}}
-_PY_CALL = re.compile(r'(?<![\w.\\])(%s)\(' % '|'.join(sorted(map(re.escape, _PY_CALLS), key=len, reverse=True)))
-
-def _py_calls_to_latex(s: str) -> str:
-    "Rewrite the known SymPy calls in `s` (innermost arguments first) into LaTeX."
-    m = _PY_CALL.search(s)
-    if not m: return s
-    end = _close_paren(s, m.end() - 1)
-    if end < 0: return s
-    args = [_py_calls_to_latex(a) for a in _split_args(s[m.end():end])]
-    try: call = _PY_CALLS[m.group(1)](args)
-    except IndexError: return s                          # too few arguments: not the SymPy call we know
-    return s[:m.start()] + call + _py_calls_to_latex(s[end + 1:])
-
-# %% ../nbs/07_scoring.ipynb #1ea110b5
-_PY_NAMES = [(r'(?<![\w\\])pi(?!\w)', r'\\pi'), (r'(?<![\w\\])oo(?!\w)', r'\\infty'), (r'(\d)\s*\*\s*[iI](?!\w)', r'\1i'),
-             (r'(?<![\w\\])I(?!\w)', 'i'), (r'(?<![\w\\])E(?!\w)', 'e'), (r'(\d)j(?!\w)', r'\1i')]
-
-def _py_powers_to_latex(s: str) -> str:
-    "`a**b` as `a^{b}`, with a parenthesised or signed exponent kept whole."
-    while (i := s.find('**')) >= 0:
-        j = i + 2
-        while j < len(s) and s[j] == ' ': j += 1
-        if j < len(s) and s[j] == '(': k = _close_paren(s, j) + 1 or len(s)
-        else: k = (m.end() + j) if (m := re.match(r'-?[\w.]+', s[j:])) else j
-        s = s[:i] + '^{' + s[j:k] + '}' + s[k:]
-    return s
-
-def py_to_latex(s: str) -> str:
-    "A SymPy/Python-printed answer (`3*sqrt(13)`, `x**2 + 7*x`, `(3, pi/2)`) rewritten as LaTeX; LaTeX is returned as is."
-    if '\\' in s: return s
-    s = _py_powers_to_latex(_py_calls_to_latex(s))
-    for pat, rep in _PY_NAMES: s = re.sub(pat, rep, s)
-    if s.startswith('{') and s.endswith('}'): s = r'\{' + s[1:-1] + r'\}'   # a printed Python/SymPy set
-    return s
-
-# %% ../nbs/07_scoring.ipynb #db03dc80
-_UNICODE = {'−': '-', '×': r'\times ', '·': r'\cdot ', 'π': r'\pi ', '∞': r'\infty ', '°': ''}
-_MATH_WORDS = {'pi', 'sqrt', 'sin', 'cos', 'tan', 'cot', 'sec', 'csc', 'log', 'ln', 'exp', 'oo', 'infty', 'and', 'or',
-               'frac', 'cdot', 'times', 'circ', 'le', 'ge', 'in', 'cup', 'cap', 'pm', 'mod', 'to'}
-_UNITS = re.compile(r'(.*?(?:\d\s*|\}\s+))((?:[A-Za-z]{2,}\s*)+)')
-
-def _tidy(s: str) -> str:
-    "Unicode maths as LaTeX, `3 1/2` as a mixed number, and trailing unit words after a number as `\\text{}`."
-    for u, latex in _UNICODE.items(): s = s.replace(u, latex)
-    s = re.sub(r'√\(([^()]*)\)', r'\\sqrt{\1}', s).replace('√', r'\sqrt ')
-    s = re.sub(r'(?<![\w.])(\d+(?:\.\d+)?)[eE]([+-]\d+)(?!\w)', r'\1 \\times 10^{\2}', s)   # 4.4e-05: Python's scientific notation
-    s = re.sub(r'^\s*([+-]?\d+)\s+(\d+)/(\d+)\s*$', r'\1\\frac{\2}{\3}', s)   # `3 1/2`: a mixed number
-    m = _UNITS.fullmatch(s.strip())
-    if m and not {w.lower() for w in m.group(2).split()} & _MATH_WORDS: s = m.group(1).rstrip() + r' \text{ ' + m.group(2).strip() + '}'
-    return s.strip()
-
-# %% ../nbs/07_scoring.ipynb #129c1502
-_PROSE = re.compile(r'[A-Za-z]{2,}\s+[A-Za-z]{2,}')
-
-def _gold_text(gold) -> str:
-    "The gold as LaTeX text: a float in positional notation (`13138980`, `0.0000446752`; LaTeX has no `e-05`)."
-    if isinstance(gold, float) and math.isfinite(gold):
-        return str(int(gold)) if gold.is_integer() else format(Decimal(repr(gold)), 'f')
-    return _strip_math(gold)
-
-def _pred_readings(pred: str, gold_is_number: bool) -> list[tuple[str, bool]]:
-    "(text, boxed?) readings of a prediction for math-verify, most literal first."
-    s = _strip_math(pred)
-    if gold_is_number: s = re.sub(r'(?<![\d.])(\d{1,3}(?:,\d{3})+)(?![\d,])', lambda m: m.group(1).replace(',', ''), s)
-    s = _tidy(s)
-    out = [(py_to_latex(s), True)]          # a Python-looking answer is only read as LaTeX once rewritten
-    if last_boxed(pred) is not None or not _PROSE.search(pred): return out
-    said = _said(pred)                      # prose: what follows "the answer is", else math-verify's own extraction
-    return out + [(py_to_latex(_tidy(_strip_math(said))), True) if said else (str(pred), False)]
-
-# %% ../nbs/07_scoring.ipynb #28ef6952
-def _verify_here(pred, gold, rel_tol: float = 1e-4) -> bool:
-    "math-verify's verdict on `pred` against `gold`, with no time limit (step 3 adds it)."
-    from math_verify import parse, verify
-    g_num = _as_number(gold)
-    gp = _mv_parse(_gold_text(gold))
-    if not gp: return False
-    for text, boxed in _pred_readings(str(pred), g_num is not None):
-        pp = _mv_parse(text) if boxed else parse(text, parsing_timeout=None)
-        if not pp: continue
-        if verify(gp, pp, timeout_seconds=None, allow_set_relation_comp=True): return True
-        if g_num is not None and (v := _sympy_number(pp[0])) is not None and _numbers_equal(v, g_num, rel_tol): return True
-    return False
-
-def _sympy_number(x) -> float | None:
-    "A parsed answer as a real float when it is a number (`\\frac{35223}{7}`), else None."
-    try:
-        if getattr(x, 'is_number', False) and (v := complex(x.evalf())).imag == 0: return v.real
-    except Exception: pass
-    return None
-
-# %% ../nbs/07_scoring.ipynb #f39c243d
-class _Deadline(BaseException):
-    "Raised in the main thread when a comparison's time is up."
-
-@contextmanager
-def _time_limit(seconds: float):
-    "Raise `_Deadline` in the main thread after `seconds` (SIGALRM interval timer; a caller's timer is restored)."
-    def on_alarm(signum, frame): raise _Deadline()
-    old_handler = signal.signal(signal.SIGALRM, on_alarm)
-    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
-    t0 = time.monotonic()
-    try: yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old_handler)
-        if old_delay: signal.setitimer(signal.ITIMER_REAL, max(old_delay - (time.monotonic() - t0), 1e-3), old_interval)
-
-_warm = []
-
-def _warm_up():
-    "Import math-verify and run one parse, outside any time limit (the first import takes about a second)."
-    if not _warm: _mv_parse('1'); _warm.append(True)
-
-def _equal_in_main_thread(pred, gold, timeout: float, rel_tol: float) -> bool:
-    "math-verify's verdict under a `timeout`-second limit (main thread only); False when time runs out."
-    _warm_up()
-    try:
-        with _time_limit(timeout): return _verify_here(pred, gold, rel_tol)
-    except _Deadline: return False
-    except Exception: return False                       # an answer math-verify cannot handle is not equal
-
-# %% ../nbs/07_scoring.ipynb #dadc4844
-def _serve():
-    "Helper process loop: one JSON request `[pred, gold, timeout, rel_tol]` per stdin line, one verdict per stdout line."
-    out, sys.stdout = sys.stdout, sys.stderr          # stray prints must not corrupt the protocol
-    _warm_up()
-    out.write('ready\n'); out.flush()
-    for line in sys.stdin:
-        pred, gold, timeout, rel_tol = json.loads(line)
-        try: ok = _equal_in_main_thread(pred, gold, timeout, rel_tol)
-        except Exception: ok = False
-        out.write(json.dumps(ok) + '\n'); out.flush()
-
-# %% ../nbs/07_scoring.ipynb #8115f518
-class _Helper:
-    "A helper process running `_serve`, with a reader thread so replies can be awaited with a timeout."
-    def __init__(self, start_timeout: float = 120.0):
-        cmd = [sys.executable, '-c', 'from agent_distillation.scoring import _serve; _serve()']
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True, bufsize=1)
-        self.replies = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        if self._reply(start_timeout) != 'ready': self.close(); raise RuntimeError('math_equal helper process did not start')
-
-    def _read(self):
-        for line in self.proc.stdout: self.replies.put(line.strip())
-        self.replies.put(None)                                # the process ended
-
-    def _reply(self, timeout: float):
-        try: return self.replies.get(timeout=timeout)
-        except queue.Empty: return None
-
-    def close(self):
-        self.proc.kill(); self.proc.wait()
-
-# %% ../nbs/07_scoring.ipynb #4760975e
-_idle_helpers, _helpers_lock = [], threading.Lock()
-
-def _equal_in_helper(pred, gold, timeout: float, rel_tol: float, grace: float = 1.0) -> bool:
-    "math-verify's verdict computed in a pooled helper process; the helper is killed if it overruns `timeout + grace`."
-    with _helpers_lock: h = _idle_helpers.pop() if _idle_helpers else None
-    if h is None: h = _Helper()
-    try:
-        h.proc.stdin.write(json.dumps([pred, gold, timeout, rel_tol]) + '\n'); h.proc.stdin.flush()
-        reply = h._reply(timeout + grace)
-    except (BrokenPipeError, OSError): reply = None
-    if reply in ('true', 'false'):
-        with _helpers_lock: _idle_helpers.append(h)
-        return reply == 'true'
-    h.close()
-    return False
-
 # %% ../nbs/07_scoring.ipynb #0b58f167
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread() and hasattr(signal, 'setitimer')
@@ -393,33 +172,6 @@ def math_equal(pred,                  # the model's answer: bare, in `$…$`, or
     if isinstance(gold, bool) or not isinstance(gold, (int, float)): gold = str(gold)
     if _in_main_thread(): return _equal_in_main_thread(pred, gold, timeout, rel_tol)
     return _equal_in_helper(pred, gold, timeout, rel_tol)
-
-# %% ../nbs/07_scoring.ipynb #7729f4fd
-def _math_verify_alone(pred, gold) -> bool:
-    "The baseline: math-verify as documented, gold boxed, prediction parsed as given."
-    from math_verify import parse, verify
-    return verify(parse('\\boxed{' + _gold_text(gold) + '}'), parse(str(pred)))
-
-def bench_scoring(pairs,               # (prediction, gold) pairs, all right answers
-                  threads: int = 2,    # worker threads for the threaded run
-                  timeout: float = 5.0 # `math_equal`'s time limit
-                 ) -> dict:
-    "Time and acceptance of math-verify alone vs `math_equal` in the main thread vs `math_equal` from worker threads."
-    import pandas as pd
-    from concurrent.futures import ThreadPoolExecutor
-    runs = {}
-    def run(name, f, pool=None):
-        t0 = time.perf_counter()
-        ok = list(pool.map(f, pairs)) if pool else [f(pg) for pg in pairs]
-        secs = time.perf_counter() - t0
-        runs[name] = dict(pairs=len(pairs), accepted=sum(map(bool, ok)), seconds=round(secs, 2), ms_per_pair=round(1000 * secs / len(pairs), 2))
-    run('math-verify alone', lambda pg: _math_verify_alone(*pg))
-    run('math_equal, main thread', lambda pg: math_equal(*pg, timeout=timeout))
-    with ThreadPoolExecutor(threads) as pool: run(f'math_equal, {threads} worker threads', lambda pg: math_equal(*pg, timeout=timeout), pool)
-    base = runs['math-verify alone']['seconds']
-    for r in runs.values(): r['time_ratio'] = round(r['seconds'] / base, 2)
-    print(pd.DataFrame.from_dict(runs, orient='index').to_string())
-    return runs
 
 # %% ../nbs/07_scoring.ipynb #733aa405
 JUDGE_SYSTEM = ("You grade answers to questions. Decide whether the predicted answer means the same thing as the gold "
@@ -523,3 +275,252 @@ def score(pred,                   # the model's final answer (None if it gave no
     out = {'em': exact_match(pred, example.answer), 'f1': f1(pred, example.answer)}
     if lm is not None: out['judge'] = float(llm_judge(example.question, pred, example.answer, lm))
     return {**out, 'acc': acc}
+
+# %% ../nbs/07a_math_equivalence.ipynb #47e11879
+class _QuietTimeoutWarning(logging.Filter):
+    "Drop math-verify's warning that its own timeout is off (ours is on)."
+    def filter(self, record): return 'Timeout is disabled' not in record.getMessage()
+
+for _name in ('math_verify.parser', 'math_verify.grader'): logging.getLogger(_name).addFilter(_QuietTimeoutWarning())
+
+def _mv_parse(latex: str) -> list:
+    "math-verify's reading of `latex` as a boxed answer."
+    from math_verify import parse
+    return parse('\\boxed{' + latex + '}', parsing_timeout=None)
+
+# %% ../nbs/07a_math_equivalence.ipynb #51638b14
+def _close_paren(s: str, i: int) -> int:
+    "Index of the parenthesis closing the one at `s[i]` (-1 if unbalanced)."
+    depth = 0
+    for j in range(i, len(s)):
+        depth += {'(': 1, ')': -1}.get(s[j], 0)
+        if depth == 0: return j
+    return -1
+
+def _split_args(s: str) -> list[str]:
+    "Top-level comma-separated arguments of a call."
+    out, depth, cur = [], 0, ''
+    for ch in s:
+        depth += {'(': 1, '[': 1, '{': 1, ')': -1, ']': -1, '}': -1}.get(ch, 0)
+        if ch == ',' and depth == 0: out.append(cur.strip()); cur = ''
+        else: cur += ch
+    return out + [cur.strip()]
+
+# %% ../nbs/07a_math_equivalence.ipynb #880fe6bb
+def _py_matrix(rows: str) -> str:
+    "SymPy's `Matrix([[1, 2], [3, 4]])` / `Matrix([1, 2])` argument as a LaTeX pmatrix (a flat list is a column)."
+    rows = [r.strip() for r in _split_args(rows.strip()[1:-1])]
+    cells = [_split_args(r[1:-1]) if r.startswith('[') else [r] for r in rows]
+    return r'\begin{pmatrix} %s \end{pmatrix}' % r' \\ '.join(' & '.join(c) for c in cells)
+
+_PY_CALLS = {
+    'sqrt': lambda a: r'\sqrt{%s}' % a[0], 'exp': lambda a: r'e^{%s}' % a[0], 'Abs': lambda a: r'\left|%s\right|' % a[0],
+    'log': lambda a: r'\ln\left(%s\right)' % a[0] if len(a) == 1 else r'\log_{%s}\left(%s\right)' % (a[1], a[0]),
+    'Interval': lambda a: f'[{a[0]}, {a[1]}]', 'Interval.open': lambda a: f'({a[0]}, {a[1]})',
+    'Interval.Lopen': lambda a: f'({a[0]}, {a[1]}]', 'Interval.Ropen': lambda a: f'[{a[0]}, {a[1]})',
+    'Union': lambda a: r' \cup '.join(a), 'FiniteSet': lambda a: r'\{%s\}' % ', '.join(a),
+    'Rational': lambda a: r'\frac{%s}{%s}' % (a[0], a[1]), 'Eq': lambda a: f'{a[0]} = {a[1]}', 'Matrix': lambda a: _py_matrix(a[0]),
+    **{f: (lambda n: lambda a: r'\%s\left(%s\right)' % (n, a[0]))(l) for f, l in
+       [('sin', 'sin'), ('cos', 'cos'), ('tan', 'tan'), ('cot', 'cot'), ('sec', 'sec'), ('csc', 'csc'),
+        ('asin', 'arcsin'), ('acos', 'arccos'), ('atan', 'arctan')]}}
+_PY_CALL = re.compile(r'(?<![\w.\\])(%s)\(' % '|'.join(sorted(map(re.escape, _PY_CALLS), key=len, reverse=True)))
+
+# %% ../nbs/07a_math_equivalence.ipynb #79dd7bf3
+def _py_calls_to_latex(s: str) -> str:
+    "Rewrite the known SymPy calls in `s` (innermost arguments first) into LaTeX."
+    m = _PY_CALL.search(s)
+    if not m: return s
+    end = _close_paren(s, m.end() - 1)
+    if end < 0: return s
+    args = [_py_calls_to_latex(a) for a in _split_args(s[m.end():end])]
+    try: call = _PY_CALLS[m.group(1)](args)
+    except IndexError: return s                          # too few arguments: not the SymPy call we know
+    return s[:m.start()] + call + _py_calls_to_latex(s[end + 1:])
+
+# %% ../nbs/07a_math_equivalence.ipynb #1ea110b5
+_PY_NAMES = [(r'(?<![\w\\])pi(?!\w)', r'\\pi'), (r'(?<![\w\\])oo(?!\w)', r'\\infty'), (r'(\d)\s*\*\s*[iI](?!\w)', r'\1i'),
+             (r'(?<![\w\\])I(?!\w)', 'i'), (r'(?<![\w\\])E(?!\w)', 'e'), (r'(\d)j(?!\w)', r'\1i')]
+
+def _py_powers_to_latex(s: str) -> str:
+    "`a**b` as `a^{b}`, with a parenthesised or signed exponent kept whole."
+    while (i := s.find('**')) >= 0:
+        j = i + 2
+        while j < len(s) and s[j] == ' ': j += 1
+        if j < len(s) and s[j] == '(': k = _close_paren(s, j) + 1 or len(s)
+        else: k = (m.end() + j) if (m := re.match(r'-?[\w.]+', s[j:])) else j
+        s = s[:i] + '^{' + s[j:k] + '}' + s[k:]
+    return s
+
+def py_to_latex(s: str) -> str:
+    "A SymPy/Python-printed answer (`3*sqrt(13)`, `x**2 + 7*x`, `(3, pi/2)`) rewritten as LaTeX; LaTeX is returned as is."
+    if '\\' in s: return s
+    s = _py_powers_to_latex(_py_calls_to_latex(s))
+    for pat, rep in _PY_NAMES: s = re.sub(pat, rep, s)
+    if s.startswith('{') and s.endswith('}'): s = r'\{' + s[1:-1] + r'\}'   # a printed Python/SymPy set
+    return s
+
+# %% ../nbs/07a_math_equivalence.ipynb #db03dc80
+_UNICODE = {'−': '-', '×': r'\times ', '·': r'\cdot ', 'π': r'\pi ', '∞': r'\infty ', '°': ''}
+_MATH_WORDS = {'pi', 'sqrt', 'sin', 'cos', 'tan', 'cot', 'sec', 'csc', 'log', 'ln', 'exp', 'oo', 'infty', 'and', 'or',
+               'frac', 'cdot', 'times', 'circ', 'le', 'ge', 'in', 'cup', 'cap', 'pm', 'mod', 'to'}
+_UNITS = re.compile(r'(.*?(?:\d\s*|\}\s+))((?:[A-Za-z]{2,}\s*)+)')
+
+def _tidy(s: str) -> str:
+    "Unicode maths as LaTeX, `3 1/2` as a mixed number, and trailing unit words after a number as `\\text{}`."
+    for u, latex in _UNICODE.items(): s = s.replace(u, latex)
+    s = re.sub(r'√\(([^()]*)\)', r'\\sqrt{\1}', s).replace('√', r'\sqrt ')
+    s = re.sub(r'(?<![\w.])(\d+(?:\.\d+)?)[eE]([+-]\d+)(?!\w)', r'\1 \\times 10^{\2}', s)   # 4.4e-05: Python's scientific notation
+    s = re.sub(r'^\s*([+-]?\d+)\s+(\d+)/(\d+)\s*$', r'\1\\frac{\2}{\3}', s)   # `3 1/2`: a mixed number
+    m = _UNITS.fullmatch(s.strip())
+    if m and not {w.lower() for w in m.group(2).split()} & _MATH_WORDS: s = m.group(1).rstrip() + r' \text{ ' + m.group(2).strip() + '}'
+    return s.strip()
+
+# %% ../nbs/07a_math_equivalence.ipynb #129c1502
+_PROSE = re.compile(r'[A-Za-z]{2,}\s+[A-Za-z]{2,}')
+
+def _gold_text(gold) -> str:
+    "The gold as LaTeX text: a float in positional notation (`13138980`, `0.0000446752`; LaTeX has no `e-05`)."
+    if isinstance(gold, float) and math.isfinite(gold):
+        return str(int(gold)) if gold.is_integer() else format(Decimal(repr(gold)), 'f')
+    return _strip_math(gold)
+
+def _pred_readings(pred: str, gold_is_number: bool) -> list[tuple[str, bool]]:
+    "(text, boxed?) readings of a prediction for math-verify, most literal first."
+    s = _strip_math(pred)
+    if gold_is_number: s = re.sub(r'(?<![\d.])(\d{1,3}(?:,\d{3})+)(?![\d,])', lambda m: m.group(1).replace(',', ''), s)
+    s = _tidy(s)
+    out = [(py_to_latex(s), True)]          # a Python-looking answer is only read as LaTeX once rewritten
+    if last_boxed(pred) is not None or not _PROSE.search(pred): return out
+    said = _said(pred)                      # prose: what follows "the answer is", else math-verify's own extraction
+    return out + [(py_to_latex(_tidy(_strip_math(said))), True) if said else (str(pred), False)]
+
+# %% ../nbs/07a_math_equivalence.ipynb #28ef6952
+def _verify_here(pred, gold, rel_tol: float = 1e-4) -> bool:
+    "math-verify's verdict on `pred` against `gold`, with no time limit (step 3 adds it)."
+    from math_verify import parse, verify
+    g_num = _as_number(gold)
+    gp = _mv_parse(_gold_text(gold))
+    if not gp: return False
+    for text, boxed in _pred_readings(str(pred), g_num is not None):
+        pp = _mv_parse(text) if boxed else parse(text, parsing_timeout=None)
+        if not pp: continue
+        if verify(gp, pp, timeout_seconds=None, allow_set_relation_comp=True): return True
+        if g_num is not None and (v := _sympy_number(pp[0])) is not None and _numbers_equal(v, g_num, rel_tol): return True
+    return False
+
+def _sympy_number(x) -> float | None:
+    "A parsed answer as a real float when it is a number (`\\frac{35223}{7}`), else None."
+    try:
+        if getattr(x, 'is_number', False) and (v := complex(x.evalf())).imag == 0: return v.real
+    except Exception: pass
+    return None
+
+# %% ../nbs/07a_math_equivalence.ipynb #f39c243d
+class _Deadline(BaseException):
+    "Raised in the main thread when a comparison's time is up."
+
+@contextmanager
+def _time_limit(seconds: float):
+    "Raise `_Deadline` in the main thread after `seconds` (SIGALRM interval timer; a caller's timer is restored)."
+    def on_alarm(signum, frame): raise _Deadline()
+    old_handler = signal.signal(signal.SIGALRM, on_alarm)
+    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+    t0 = time.monotonic()
+    try: yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if old_delay: signal.setitimer(signal.ITIMER_REAL, max(old_delay - (time.monotonic() - t0), 1e-3), old_interval)
+
+# %% ../nbs/07a_math_equivalence.ipynb #08ede97c
+_warm = []
+
+def _warm_up():
+    "Import math-verify and run one parse, outside any time limit (the first import takes about a second)."
+    if not _warm: _mv_parse('1'); _warm.append(True)
+
+def _equal_in_main_thread(pred, gold, timeout: float, rel_tol: float) -> bool:
+    "math-verify's verdict under a `timeout`-second limit (main thread only); False when time runs out."
+    _warm_up()
+    try:
+        with _time_limit(timeout): return _verify_here(pred, gold, rel_tol)
+    except _Deadline: return False
+    except Exception: return False                       # an answer math-verify cannot handle is not equal
+
+# %% ../nbs/07a_math_equivalence.ipynb #dadc4844
+def _serve():
+    "Helper process loop: one JSON request `[pred, gold, timeout, rel_tol]` per stdin line, one verdict per stdout line."
+    out, sys.stdout = sys.stdout, sys.stderr          # stray prints must not corrupt the protocol
+    _warm_up()
+    out.write('ready\n'); out.flush()
+    for line in sys.stdin:
+        pred, gold, timeout, rel_tol = json.loads(line)
+        try: ok = _equal_in_main_thread(pred, gold, timeout, rel_tol)
+        except Exception: ok = False
+        out.write(json.dumps(ok) + '\n'); out.flush()
+
+# %% ../nbs/07a_math_equivalence.ipynb #8115f518
+class _Helper:
+    "A helper process running `_serve`, with a reader thread so replies can be awaited with a timeout."
+    def __init__(self, start_timeout: float = 120.0):
+        cmd = [sys.executable, '-c', 'from agent_distillation.scoring import _serve; _serve()']
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, bufsize=1)
+        self.replies = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        if self._reply(start_timeout) != 'ready': self.close(); raise RuntimeError('math_equal helper process did not start')
+
+    def _read(self):
+        for line in self.proc.stdout: self.replies.put(line.strip())
+        self.replies.put(None)                                # the process ended
+
+    def _reply(self, timeout: float):
+        try: return self.replies.get(timeout=timeout)
+        except queue.Empty: return None
+
+    def close(self):
+        self.proc.kill(); self.proc.wait()
+
+# %% ../nbs/07a_math_equivalence.ipynb #4760975e
+_idle_helpers, _helpers_lock = [], threading.Lock()
+
+def _equal_in_helper(pred, gold, timeout: float, rel_tol: float, grace: float = 1.0) -> bool:
+    "math-verify's verdict computed in a pooled helper process; the helper is killed if it overruns `timeout + grace`."
+    with _helpers_lock: h = _idle_helpers.pop() if _idle_helpers else None
+    if h is None: h = _Helper()
+    try:
+        h.proc.stdin.write(json.dumps([pred, gold, timeout, rel_tol]) + '\n'); h.proc.stdin.flush()
+        reply = h._reply(timeout + grace)
+    except (BrokenPipeError, OSError): reply = None
+    if reply in ('true', 'false'):
+        with _helpers_lock: _idle_helpers.append(h)
+        return reply == 'true'
+    h.close()
+    return False
+
+# %% ../nbs/07a_math_equivalence.ipynb #7729f4fd
+def _math_verify_alone(pred, gold) -> bool:
+    "The baseline: math-verify as documented, gold boxed, prediction parsed as given."
+    from math_verify import parse, verify
+    return verify(parse('\\boxed{' + _gold_text(gold) + '}'), parse(str(pred)))
+
+def bench_scoring(pairs,               # (prediction, gold) pairs, all right answers
+                  threads: int = 2,    # worker threads for the threaded run
+                  timeout: float = 5.0 # `math_equal`'s time limit
+                 ) -> dict:
+    "Time and acceptance of math-verify alone vs `math_equal` in the main thread vs `math_equal` from worker threads."
+    import pandas as pd
+    from concurrent.futures import ThreadPoolExecutor
+    runs = {}
+    def run(name, f, pool=None):
+        t0 = time.perf_counter()
+        ok = list(pool.map(f, pairs)) if pool else [f(pg) for pg in pairs]
+        secs = time.perf_counter() - t0
+        runs[name] = dict(pairs=len(pairs), accepted=sum(map(bool, ok)), seconds=round(secs, 2), ms_per_pair=round(1000 * secs / len(pairs), 2))
+    run('math-verify alone', lambda pg: _math_verify_alone(*pg))
+    run('math_equal, main thread', lambda pg: math_equal(*pg, timeout=timeout))
+    with ThreadPoolExecutor(threads) as pool: run(f'math_equal, {threads} worker threads', lambda pg: math_equal(*pg, timeout=timeout), pool)
+    base = runs['math-verify alone']['seconds']
+    for r in runs.values(): r['time_ratio'] = round(r['seconds'] / base, 2)
+    print(pd.DataFrame.from_dict(runs, orient='index').to_string())
+    return runs
