@@ -53,20 +53,23 @@ class Candidate:
     @property
     def failed(self) -> bool: return failed(self.result)
 
-    @property
-    def group(self) -> str:
-        "The vote group, as text ('-' for a failed candidate)."
-        if self.failed: return '-'
-        kind, v = vote_key(self.result)
-        return f"{'answer' if kind == 'answer' else 'printed'} {v[:40]!r}"
+# %% ../nbs/10_voting.ipynb #6f0c4ba5
+from fastcore.basics import patch
 
-    @property
-    def outcome(self) -> str:
-        "What happened, in a few words."
-        if self.parse_error: return 'parse error' if self.code is None else 'syntax error'
-        if self.result.error: return 'error: ' + self.result.error.strip().splitlines()[-1][:60]
-        if self.result.is_final: return f'final_answer({self.result.final_answer!r})'
-        return 'printed ' + repr((self.result.output or '').strip()[:60])
+@patch(as_prop=True)
+def group(self: Candidate) -> str:
+    "The vote group, as text ('-' for a failed candidate)."
+    if self.failed: return '-'
+    kind, v = vote_key(self.result)
+    return f"{'answer' if kind == 'answer' else 'printed'} {v[:40]!r}"
+
+@patch(as_prop=True)
+def outcome(self: Candidate) -> str:
+    "What happened, in a few words."
+    if self.parse_error: return 'parse error' if self.code is None else 'syntax error'
+    if self.result.error: return 'error: ' + self.result.error.strip().splitlines()[-1][:60]
+    if self.result.is_final: return f'final_answer({self.result.final_answer!r})'
+    return 'printed ' + repr((self.result.output or '').strip()[:60])
 
 # %% ../nbs/10_voting.ipynb #6c42a2d7
 def _cell(s: str, n: int = 70) -> str:
