@@ -126,11 +126,25 @@ def _cache_arg(model) -> str:
     import inspect
     return 'cache' if 'cache' in inspect.signature(model.forward).parameters else 'past_key_values'
 
+def _batch_cache(config, found: list, past: list, P: int):
+    "One batch `DynamicCache`: each row's cached keys and values right-aligned in `P` positions, zeros before them."
+    import torch
+    from transformers import DynamicCache
+    cache = DynamicCache(config=config)
+    if not P: return cache
+    B, ref = len(found), next(e.kv for e, _ in found if e is not None)
+    for l, (k0, v0) in enumerate(ref):
+        K = k0.new_zeros(B, k0.shape[0], P, k0.shape[2]); V = torch.zeros_like(K)
+        for i, ((e, _), c) in enumerate(zip(found, past)):
+            if c: K[i, :, P - c:], V[i, :, P - c:] = e.kv[l][0][:, :c], e.kv[l][1][:, :c]
+        cache.update(K, V, l)
+    return cache
+
+# %% ../nbs/06a_rollouts.ipynb #35bdbafa
 @patch
 def _batch_inputs(self: PrefixCacheLM, ids: list, found: list) -> dict:
     "One left-padded batch: each row's cached past (right-aligned) and its new tokens; every row feeds the same length."
     import torch
-    from transformers import DynamicCache
     T = [len(x) for x in ids]
     S = max(t - n for t, (_, n) in zip(T, found))
     fed = [min(S, t) for t in T]
@@ -140,17 +154,11 @@ def _batch_inputs(self: PrefixCacheLM, ids: list, found: list) -> dict:
     mask = torch.zeros(B, P + S, dtype=torch.long)
     for i, (x, f, c) in enumerate(zip(ids, fed, past)):
         inp[i, S - f:] = torch.tensor(x[len(x) - f:]); mask[i, P - c:P] = 1; mask[i, P + S - f:] = 1
-    cache = DynamicCache(config=self.model.config)
-    if P:
-        ref = next(e.kv for e, _ in found if e is not None)
-        for l, (k0, v0) in enumerate(ref):
-            K = k0.new_zeros(B, k0.shape[0], P, k0.shape[2]); V = torch.zeros_like(K)
-            for i, ((e, _), c) in enumerate(zip(found, past)):
-                if c: K[i, :, P - c:], V[i, :, P - c:] = e.kv[l][0][:, :c], e.kv[l][1][:, :c]
-            cache.update(K, V, l)
+    cache = _batch_cache(self.model.config, found, past, P)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return dict(input_ids=inp, attention_mask=mask, position_ids=pos[:, P:], cache=cache, fed=fed)
 
+# %% ../nbs/06a_rollouts.ipynb #edd6ead1
 @patch
 def _forward(self: PrefixCacheLM, input_ids, attention_mask, position_ids, cache):
     "One forward pass: logits of each row's last position (float32), and the grown cache."
@@ -174,6 +182,7 @@ def _row_kv(cache, row: int, length: int) -> list:
     "The last `length` positions of one batch row's keys and values, copied."
     return [(l.keys[row, :, -length:].clone(), l.values[row, :, -length:].clone()) for l in cache.layers]
 
+# %% ../nbs/06a_rollouts.ipynb #d5de5ddb
 class _Stops:
     "Whether a row's generated tokens end its turn: an end-of-turn token or a stop string."
     def __init__(self, tok, stop, ends):
@@ -183,6 +192,7 @@ class _Stops:
         if gen[-1] in self.ends: return True
         return bool(self.stop) and any(s in self.tok.decode(gen[-self.window:]) for s in self.stop)
 
+# %% ../nbs/06a_rollouts.ipynb #2e46aa69
 @patch
 def _decode_rows(self: PrefixCacheLM, logits, cache, mask, pos, ids, k, temperature, top_p, max_new_tokens, stop) -> list:
     "Generate for every row until each stops; store each conversation's cache (greedy/one sample) as it finishes."
@@ -204,6 +214,7 @@ def _decode_rows(self: PrefixCacheLM, logits, cache, mask, pos, ids, k, temperat
         logits, cache = self._forward(nxt[:, None], mask, pos, cache)
     return gen
 
+# %% ../nbs/06a_rollouts.ipynb #c048a2e5
 @patch
 def _run_chunk(self: PrefixCacheLM, ids: list, found: list, k: int, temperature, top_p, max_new_tokens, stop):
     "`k` completions for each prompt of one batch, starting from what is cached; (texts, completion tokens) per prompt."
