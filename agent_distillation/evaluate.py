@@ -68,6 +68,7 @@ def _cot_answer(text: str, usage: dict, ctx, domain: str) -> dict:
     return dict(prediction=pred, answered=pred is not None, steps=1, retrieval_calls=int(ctx is not None), code_errors=0,
                 parse_failures=0, prompt_tokens=usage['prompt_tokens'], completion_tokens=usage['completion_tokens'], output=text)
 
+# %% ../nbs/11_evaluate.ipynb #dfa3172e
 @patch
 def answers(self: CoTMethod, examples: list):
     "CoT answers, `batch_size` questions per model call; (example, answer, seconds) each."
@@ -129,6 +130,7 @@ def _slots(self: AgentMethod, k: int) -> list:
             self._pool.append(sb)
         return self._pool[:min(self.batch_size, max(1, k))]
 
+# %% ../nbs/11_evaluate.ipynb #5db06463
 @patch
 def _prefixes(self: AgentMethod, examples: list) -> list[tuple]:
     "First-thought prefixes of `examples` from one batched CoT call: (prefix, prompt tokens, completion tokens, seconds) each."
@@ -154,6 +156,7 @@ def answer(self: AgentMethod, example: Example) -> dict:
     t = self._agent().run(example.question, example.domain, prefix=prefix, id=example.id, gold=example.answer)
     return self._answer_of(t, ptoks, ctoks)
 
+# %% ../nbs/11_evaluate.ipynb #5a4f5b66
 @patch
 def _tasks(self: AgentMethod, examples: list, waiting: dict):
     "Rollout tasks for `examples`, prefixes written `batch_size` at a time as the run needs them; notes each in `waiting`."
@@ -172,6 +175,7 @@ def answers(self: AgentMethod, examples: list):
         e, pt, ct, secs = waiting[(str(t.id), t.question, t.domain)].pop(0)
         yield e, self._answer_of(t, pt, ct), t.wall_s + secs
 
+# %% ../nbs/11_evaluate.ipynb #fa6d4cc9
 @patch
 def close(self: AgentMethod):
     "Close the sandboxes this method opened."
