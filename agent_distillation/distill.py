@@ -208,6 +208,7 @@ def padding_waste(lengths: list[int], order: list[int], batch_size: int) -> floa
     return 1 - sum(map(sum, bs)) / sum(max(b) * len(b) for b in bs)
 
 # %% ../nbs/09_distill.ipynb #390a37af
+# One documented field per line: a run's settings in one place, so this cell stays whole.
 @dataclass
 class TrainConfig:
     "Settings of one LoRA SFT run (saved in settings.json). Paper values in comments; defaults sized for a CPU."
@@ -232,6 +233,7 @@ class TrainConfig:
     save_dtype: str | None = 'bfloat16'  # dtype of the saved adapter (peft trains it in fp32; bf16 halves the file; None: as trained)
     seed: int = 0
 
+# %% ../nbs/09_distill.ipynb #a1361dbe
 def default_lora(**kw):
     "The paper's LoRA: r=64, alpha=128, dropout 0.05 on every linear layer (keyword arguments override)."
     from peft import LoraConfig
@@ -354,6 +356,7 @@ def _training_args(cfg: TrainConfig, accum: int):
         disable_tqdm=False, bf16=False, fp16=False,
         **{_CKPT_ARG: True} if cfg.gradient_checkpointing else {})
 
+# %% ../nbs/09_distill.ipynb #9960b408
 from dataclasses import fields as _fields
 from transformers import TrainingArguments as _TA
 _CKPT_ARG = 'activation_checkpointing' if 'activation_checkpointing' in {f.name for f in _fields(_TA)} else 'gradient_checkpointing'
@@ -525,7 +528,19 @@ def write_accelerate_config(path, kind: str = 'multi_gpu', num_processes: int = 
     path.write_text(yaml.safe_dump(dict(ACCELERATE_CONFIGS[kind], num_processes=num_processes), sort_keys=False))
     return path
 
+# %% ../nbs/09_distill.ipynb #aecc2a03
+def _sft_data(records: str, kind: str, tok, max_len: int) -> list[dict]:
+    "SFT examples from teacher JSONL file(s): the kept trajectories ('agent') or the correct CoT answers ('cot')."
+    from agent_distillation.teacher import filter_trajectories
+    recs = [r for p in records.split(',') for r in read_jsonl(p.strip())]
+    if kind == 'agent': data, stats = build_sft_dataset(tok, filter_trajectories(recs)[0], max_len)
+    elif kind == 'cot': data, stats = build_cot_dataset(tok, recs, max_len)
+    else: raise ValueError(f"kind must be 'agent' or 'cot', got {kind!r}")
+    print(f'{kind} SFT data: {dict(stats)}')
+    return data
+
 # %% ../nbs/09_distill.ipynb #455d849d
+# The signature is the command line (one documented option per line), so this cell stays whole.
 def train_from_jsonl(records: str,                  # teacher JSONL file(s), comma-separated
                      out_dir: str = 'runs/cpu/student',  # run folder
                      base: str = 'smollm2-135m-instruct',  # student (registry name, folder or hub id)
@@ -545,13 +560,8 @@ def train_from_jsonl(records: str,                  # teacher JSONL file(s), com
                      seed: int = 0) -> TrainResult:
     "Build the SFT dataset from teacher JSONL files and train the student on it (resumable)."
     from agent_distillation.registry import load_tokenizer
-    from agent_distillation.teacher import filter_trajectories
-    recs = [r for p in records.split(',') for r in read_jsonl(p.strip())]
     tok = load_tokenizer(base)
-    if kind == 'agent': data, stats = build_sft_dataset(tok, filter_trajectories(recs)[0], max_len)
-    elif kind == 'cot': data, stats = build_cot_dataset(tok, recs, max_len)
-    else: raise ValueError(f"kind must be 'agent' or 'cot', got {kind!r}")
-    print(f'{kind} SFT data: {dict(stats)}')
+    data = _sft_data(records, kind, tok, max_len)
     cfg = TrainConfig(out_dir=out_dir, epochs=epochs, lr=lr, batch_size=batch_size, micro_batch_size=micro_batch_size,
                       batching=batching, max_steps=max_steps, save_steps=save_steps,
                       gradient_checkpointing=gradient_checkpointing, dtype=dtype, seed=seed)
@@ -569,6 +579,18 @@ def _command(records: str, args: dict) -> str:
     flags = ' '.join(f'--{k} {v}' if not isinstance(v, bool) else f'--{k}' for k, v in args.items() if v is not False)
     return f"python -m agent_distillation.distill {records} {flags}".strip()
 
+# %% ../nbs/09_distill.ipynb #c3613ccf
+def _card_table(s: dict) -> str:
+    "The run card's table of data, LoRA, recipe, result and adapter, from a run's settings."
+    a, d, l = s.get('adapter', {}), s['dataset'], s['lora']
+    return f"""| | |
+|---|---|
+| data | {d['examples']} examples, {d['tokens']:,} tokens ({d['trained_tokens']:,} trained), sha256 `{d['sha256'][:12]}` |
+| LoRA | r={l.get('r')}, alpha={l.get('lora_alpha')}, dropout {l.get('lora_dropout')}, on {l.get('target_modules')} |
+| recipe | {s['config']['epochs']} epochs, lr {s['config']['lr']} ({s['config']['scheduler']}), {s['config']['batch_size']} sequences per step, {s['derived']['dtype']} on {s['derived']['device']} |
+| result | {s['steps']} steps, loss {s['first_loss']} -> {s['final_loss']}, {s['tokens_per_s']} tokens/s, {s['train_s']:.0f} s over {len(s['sessions'])} session(s) |
+| adapter | {a.get('bytes', 0) / 1e6:.1f} MB, sha256 `{str(a.get('sha256', ''))[:12]}` |"""
+
 def write_run_card(out_dir,              # a finished run folder (settings.json, adapter)
                    regenerate: str,      # the command that reruns it
                    note: str = ''         # anything else a reader must know (markdown)
@@ -576,18 +598,11 @@ def write_run_card(out_dir,              # a finished run folder (settings.json,
     "A run folder's README.md (what was trained, how, how well, how to redo it); `regenerate` also goes into settings.json."
     out = Path(out_dir); s = load_json(out/'settings.json') | {'regenerate': regenerate}
     save_json(out/'settings.json', s)
-    a, d, l = s.get('adapter', {}), s['dataset'], s['lora']
     card = f"""# {out.name}
 
 LoRA adapter for `{s['base']}`, trained by agent-distillation (`nbs/09_distill.ipynb`).
 
-| | |
-|---|---|
-| data | {d['examples']} examples, {d['tokens']:,} tokens ({d['trained_tokens']:,} trained), sha256 `{d['sha256'][:12]}` |
-| LoRA | r={l.get('r')}, alpha={l.get('lora_alpha')}, dropout {l.get('lora_dropout')}, on {l.get('target_modules')} |
-| recipe | {s['config']['epochs']} epochs, lr {s['config']['lr']} ({s['config']['scheduler']}), {s['config']['batch_size']} sequences per step, {s['derived']['dtype']} on {s['derived']['device']} |
-| result | {s['steps']} steps, loss {s['first_loss']} -> {s['final_loss']}, {s['tokens_per_s']} tokens/s, {s['train_s']:.0f} s over {len(s['sessions'])} session(s) |
-| adapter | {a.get('bytes', 0) / 1e6:.1f} MB, sha256 `{str(a.get('sha256', ''))[:12]}` |
+{_card_table(s)}
 
 Regenerate (resumable):
 
@@ -651,6 +666,7 @@ def bench_batching(base: str = 'smollm2-135m-instruct',  # the student
     try: return _bench_batching(base, n, micro_batch_size, max_len, extra_steps, records, checkpointing, seed, device)
     finally: torch.set_num_threads(prev)
 
+# %% ../nbs/09_distill.ipynb #ab324af9
 def _bench_batching(base, n, micro_batch_size, max_len, extra_steps, records, checkpointing, seed, device=None) -> dict:
     from peft import get_peft_model
     from agent_distillation.registry import load_model, load_tokenizer
@@ -674,6 +690,7 @@ def _bench_batching(base, n, micro_batch_size, max_len, extra_steps, records, ch
                                                    device=str(model.device), dtype=str(model.dtype).replace('torch.', ''),
                                                    lengths=sorted(len(e['input_ids']) for e in data)))
 
+# %% ../nbs/09_distill.ipynb #57944982
 def _bench_table(secs, toks, computed, info) -> dict:
     "Print the benchmark table and return its numbers."
     base_tps = toks['naive padded'] / secs['naive padded']
@@ -705,6 +722,7 @@ def students_report(root='runs/cpu/students',  # folder of training runs (one su
     if not rows: print(f'no finished training run under {root}: `make students` trains them')
     return pd.DataFrame(rows).set_index('run').round(3) if rows else pd.DataFrame()
 
+# %% ../nbs/09_distill.ipynb #9162b476
 def plot_students(root='runs/cpu/students', smooth: int = 5):
     "The loss curves (running mean of `smooth` steps) of every run under `root`, in one figure."
     from matplotlib.figure import Figure
