@@ -10,10 +10,10 @@ from fastcore.script import anno_parser
 from .core import seed_everything, read_jsonl, load_json
 
 # %% auto #0
-__all__ = ['STUDENTS', 'DEFAULT_STUDENT', 'METHODS', 'PROFILES', 'COMMANDS', 'resolve_adapter', 'load_lm', 'make_retriever',
-           'format_trajectory', 'ask', 'load_records', 'export', 'train', 'load_examples', 'make_method', 'evaluate',
-           'reproduce', 'teacher_method', 'table_factories', 'table_settings', 'reproduce_table', 'serve_retriever',
-           'teacher', 'build_parser', 'main']
+__all__ = ['STUDENTS', 'DEFAULT_STUDENT', 'ENGINES', 'METHODS', 'PROFILES', 'COMMANDS', 'resolve_adapter', 'load_lm',
+           'make_retriever', 'format_trajectory', 'ask', 'load_records', 'export', 'train', 'load_examples',
+           'make_method', 'evaluate', 'reproduce', 'teacher_method', 'table_factories', 'table_settings',
+           'reproduce_table', 'serve_retriever', 'teacher', 'build_parser', 'main']
 
 # %% ../nbs/12_cli.ipynb #f8272024
 STUDENTS = {  # size -> its students: base model and LoRA run folders (agent-distilled, CoT-distilled twin, FTP-distilled or None)
@@ -43,18 +43,34 @@ def resolve_adapter(adapter: str | None  # a LoRA run folder, relative paths als
                             "train one with `agent-distill train`, or pass --adapter none to use the base model")
 
 # %% ../nbs/12_cli.ipynb #a66e8e4c
-def load_lm(base: str,                 # registry name, local folder or hub id
-            adapter: str | None = None  # LoRA run folder (merged into the weights), or None/'none'
-           ):
-    "A `PrefixCacheLM` of `base` (each conversation read once) with the adapter merged in; unknown models fail before anything loads."
+ENGINES = ('transformers', 'llama.cpp')
+
+def load_lm(base: str,                    # registry name, local folder or hub id
+            adapter: str | None = None,   # LoRA run folder (merged into the weights), or None/'none'
+            engine: str = 'transformers', # 'transformers' (`PrefixCacheLM`, batched in-process) or 'llama.cpp' (`serving.StudentServer`)
+            parallel: int = 16):          # llama.cpp: slots, i.e. conversations in flight
+    "The student as a model: `PrefixCacheLM` with the adapter merged, or an `OpenAILM` on llama-server; unknown models fail before anything loads."
     from agent_distillation.rollouts import PrefixCacheLM
     from agent_distillation.registry import load_tokenizer, OFFLINE_MODELS
+    if engine not in ENGINES: raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     path = resolve_adapter(adapter)
     if base not in OFFLINE_MODELS and base != 'tiny-random' and not Path(base).is_dir() and '/' not in base:
         raise ValueError(f"Unknown model {base!r}: use a registry name ({', '.join(OFFLINE_MODELS)}), a local folder or a hub id (org/name)")
+    if engine == 'llama.cpp': return _served_lm(base, path, parallel)
     if path is None: return PrefixCacheLM(base)
     from agent_distillation.distill import load_student
     return PrefixCacheLM(load_student(base, path), load_tokenizer(base))
+
+def _served_lm(base: str, path, parallel: int):
+    "An `OpenAILM` on a started `StudentServer`; closing the model stops the server (which also dies with this process)."
+    from agent_distillation.serving import StudentServer
+    srv = StudentServer(base, path, parallel=parallel).start()
+    lm = srv.lm(); close = lm.close
+    def _close():
+        try: close()
+        finally: srv.stop()
+    lm.close, lm.server = _close, srv
+    return lm
 
 # %% ../nbs/12_cli.ipynb #b5974971
 def make_retriever(corpus: str = 'world',  # 'world', 'wikipedia', a JSONL corpus file, or a http(s):// Search-R1 server
@@ -206,7 +222,7 @@ METHODS = ('cot_prompting', 'cot_distill', 'cot_distill_rag', 'agent_prompting',
 
 def make_method(name: str, base: str, adapter: str, cot_adapter: str, corpus: str = 'world', sag_n: int = 8,
                 max_steps: int = 5, max_new_tokens: int = 384, cot_max_new_tokens: int = 512, seed: int = 0, _lms: dict = None,
-                ftp_adapter: str | None = None):
+                ftp_adapter: str | None = None, engine: str = 'transformers'):
     "One of `METHODS` for a student (its base model; agent, CoT and FTP adapters) as an `evaluate` method."
     from agent_distillation.evaluate import AgentMethod, CoTMethod
     from agent_distillation.retriever import make_retrieve_tool
@@ -214,7 +230,7 @@ def make_method(name: str, base: str, adapter: str, cot_adapter: str, corpus: st
     if name not in METHODS: raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     if 'ftp' in name and not ftp_adapter: raise ValueError(f"{name} needs an FTP-distilled adapter (--ftp_adapter); this student has none")
     lms = {} if _lms is None else _lms
-    lm = lambda a: lms.setdefault((base, a), load_lm(base, a))  # each model loads once
+    lm = lambda a: lms[(base, a)] if (base, a) in lms else lms.setdefault((base, a), load_lm(base, a, engine))  # each loads once
     if name.startswith('cot'):
         a = 'none' if name == 'cot_prompting' else cot_adapter
         return CoTMethod(lm(a), make_retriever(corpus, seed) if name.endswith('rag') else None, name=name, max_new_tokens=cot_max_new_tokens)
@@ -236,6 +252,7 @@ def evaluate(methods: str = 'agent_distill,cot_distill',  # comma-separated `MET
              max_steps: int = 5,                          # agent steps
              max_new_tokens: int = 384,                   # tokens per agent step
              cot_max_new_tokens: int = 512,               # tokens per CoT answer
+             engine: str = 'transformers',                # 'transformers' or 'llama.cpp' (see `load_lm`)
              plot: bool = False,                          # also save a bar plot next to `out`
              seed: int = 0):
     "Evaluate methods on benchmarks (resumable) and print the results table."
@@ -247,8 +264,10 @@ def evaluate(methods: str = 'agent_distill,cot_distill',  # comma-separated `MET
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     frames = []
     for name in names:
-        with make_method(name, base, adapter, cot_adapter, corpus, sag_n, max_steps, max_new_tokens, cot_max_new_tokens, seed, lms) as m:
+        with make_method(name, base, adapter, cot_adapter, corpus, sag_n, max_steps, max_new_tokens, cot_max_new_tokens, seed, lms, engine=engine) as m:
             frames.append(run_eval(m, exs, out=out))
+    for lm in lms.values():
+        if hasattr(lm, 'server'): lm.close()  # stop llama.cpp servers
     t = results_table(*frames)
     print(markdown_table(t))
     if plot:
