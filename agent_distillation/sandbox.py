@@ -13,8 +13,7 @@ from typing import Any, Callable
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['PAPER_IMPORTS', 'ALLOWED_IMPORTS', 'LAYERS', 'BENCH_STEPS', 'ExecResult', 'SandboxDied', 'Protections', 'Sandbox',
-           'bench_sandbox']
+__all__ = ['PAPER_IMPORTS', 'ALLOWED_IMPORTS', 'LAYERS', 'ExecResult', 'Protections', 'Sandbox', 'BENCH_STEPS', 'SandboxDied', 'bench_sandbox']
 
 # %% ../nbs/03_sandbox.ipynb #951cfabb
 @dataclass
@@ -47,7 +46,150 @@ ALLOWED_IMPORTS = PAPER_IMPORTS + ('fractions', 'decimal', 'functools', 'operato
                                    'cmath', 'copy', 'typing', 'dataclasses', 'textwrap', 'enum', 'numbers', 'calendar',
                                    'pprint', 'difflib', 'array', 'mpmath')
 
-# %% ../nbs/03_sandbox.ipynb #7e63a18f
+# %% ../nbs/03_sandbox.ipynb #a604eb69
+class Protections(dict):
+    "Each protection layer's status: `'on: what it does'` or `'off: why'`."
+    def active(self) -> list[str]: return [k for k, v in self.items() if v and not str(v).startswith('off')]
+    def _repr_markdown_(self):
+        return '| layer | status |\n|---|---|\n' + '\n'.join(f'| {k} | {v} |' for k, v in self.items())
+
+LAYERS = ('cgroup', 'netns', 'mountns', 'rlimits', 'no_new_privs', 'drop_root', 'landlock', 'seccomp', 'audit_hook')
+
+# %% ../nbs/03_sandbox.ipynb #51533060
+class Sandbox:
+    "Run model-written Python in an isolated, resource-limited worker process whose state persists between runs."
+    def __init__(self, tools: dict | list | None = None,    # name -> callable run in the parent (a list uses __name__)
+                 timeout: float = 10.0,                      # wall-clock seconds per run (tool time excluded, see max_tool_time)
+                 memory_mb: int = 1024,                      # address space the code may add to the interpreter
+                 max_output: int = 10_000,                   # printed characters kept per run
+                 imports=ALLOWED_IMPORTS,                    # top-level modules the code may import
+                 disk_mb: int = 64,                          # scratch size and largest file
+                 max_files: int = 1024,                      # files in scratch (tmpfs inodes)
+                 max_procs: int = 256,                       # processes of the sandbox (cgroup; else RLIMIT_NPROC per uid)
+                 tree_memory_mb: int | None = None,          # memory of the whole process tree (default 4 x memory_mb, >= 2 GB)
+                 uid: int = 65534,                           # user the worker becomes when started as root
+                 layers=LAYERS,                              # protection layers to enable (all by default)
+                 max_tool_time: float | None = None):        # tool seconds one run may add to its timeout (default 3 x timeout)
+        tools = {f.__name__: f for f in tools} if isinstance(tools, (list, tuple)) else dict(tools or {})
+        bad = [n for n in tools if not isinstance(n, str) or not n.isidentifier() or n in ('final_answer', _RERAISE)]
+        if bad: raise ValueError(f'invalid tool names: {bad}')
+        self.tools, self.timeout, self.memory_mb, self.max_output = tools, timeout, memory_mb, max_output
+        self.imports, self.disk_mb, self.max_files, self.max_procs, self.uid = tuple(imports), disk_mb, max_files, max_procs, uid
+        self.layers, self.max_tool_time = tuple(l for l in layers if l in LAYERS), max_tool_time
+        _remove_stale_dirs()
+        base = Path(tempfile.mkdtemp(prefix=f'agent-sandbox-{os.getpid()}-'))
+        self.scratch, self._root = base/'scratch', base/'root'
+        self.scratch.mkdir(mode=0o700); self._root.mkdir()
+        if os.getuid() == 0 and 'drop_root' in self.layers: os.chown(self.scratch, uid, uid)
+        self._procs = _Procs(base)
+        if 'cgroup' in self.layers:
+            self._procs.cgroup = _Cgroup(base.name, tree_memory_mb or max(4 * memory_mb, 2048), max_procs)
+        self._finalizer = weakref.finalize(self, self._procs.close)
+        self._lock, self._sock, self._reader, self._pid, self._kept, self._nspawn, self._nfork = threading.RLock(), None, None, None, {}, 0, 0
+        self._zprot, self._wprot, self._wipe, self._zslots, self._home, self._slotted = None, {}, False, False, [], set()
+        self._start_zygote()
+
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
+    def __repr__(self): return f'Sandbox(tools={list(self.tools)}, timeout={self.timeout}, memory_mb={self.memory_mb}, worker={self._pid})'
+
+# %% ../nbs/03_sandbox.ipynb #1fb0f265
+@patch(as_prop=True)
+def protections(self: Sandbox) -> Protections:
+    "Which layers are active, as reported by the zygote and the current worker."
+    with self._lock, self._procs.awake():
+        self._ensure_worker()
+        cg = self._procs.cgroup.status if self._procs.cgroup is not None else 'off: disabled'
+        p = {'process': 'on: separate CPython worker forked from a clean-environment zygote', 'cgroup': cg, **self._zprot, **self._wprot}
+        return Protections({k: p[k] for k in ['process', *LAYERS] if k in p})
+
+# %% ../nbs/03_sandbox.ipynb #76dc630d
+@patch
+def run(self: Sandbox, code: str,       # Python source written by the model
+        timeout: float | None = None    # wall-clock limit for this run (default: the sandbox's)
+       ) -> ExecResult:
+    "Execute `code` in the persistent worker and return what it printed, raised or answered."
+    with self._lock, self._procs.awake():
+        t0, timeout = time.monotonic(), timeout or self.timeout
+        try: restarted = self._ensure_worker()
+        except _StartFailed as e: return ExecResult(error=f'SandboxError: {e}', restarted=True, duration=time.monotonic() - t0)
+        self._discard_kept()
+        t1, nonce = time.monotonic(), secrets.token_hex(8)  # the deadline starts when the code is sent
+        try:
+            _send_by(self._sock, {'op': 'run', 'code': code, 'cpu_s': timeout + 1, 'nonce': nonce}, t1 + timeout)
+            r = _result(self._serve(t1 + timeout, self._hard_limit(t1, timeout), nonce), self.max_output, restarted=restarted)
+        except _Timeout: return self._restart(ExecResult(error=_timeout_error(timeout), timed_out=True), t0)
+        except Exception as e: return self._restart(ExecResult(error=_describe(e)), t0)
+        except BaseException: self._kill_worker(); raise
+        self._procs.sweep(keep={self._pid})  # nothing the code started runs on after it
+        r.duration = time.monotonic() - t0
+        return r
+
+# %% ../nbs/03_sandbox.ipynb #9382a63e
+@patch
+def fork_run(self: Sandbox, codes: list[str],   # candidate actions, each run from the current state
+             keep: bool = False,                # keep the candidates' processes so one can be `adopt`ed
+             timeout: float | None = None,      # wall-clock limit per candidate
+             share_tools: bool = True           # answer identical tool calls once (right for pure tools like retrieval)
+            ) -> list[ExecResult]:
+    "Run each candidate in a fork of the current worker; the sandbox's own state is left unchanged."
+    with self._lock, self._procs.awake():
+        t0, timeout = time.monotonic(), timeout or self.timeout
+        try: restarted = self._ensure_worker()
+        except _StartFailed as e: return [ExecResult(error=f'SandboxError: {e}', restarted=True) for _ in codes]
+        self._discard_kept()
+        if not codes: return []
+        t1 = time.monotonic()
+        try: cands, err = self._fork(codes, timeout + 1, t1 + timeout)
+        except Exception as e:
+            status = self._kill_worker()
+            why = 'it did not answer in time' if isinstance(e, socket.timeout) else status or _describe(e)
+            tail = self._respawn()
+            return [ExecResult(error=_died_error(why) + tail, restarted=True, duration=time.monotonic() - t0) for _ in codes]
+        results = self._collect(cands, timeout, t1 + timeout, self._hard_limit(t1, timeout), share_tools)
+        results += [ExecResult(error=f'SandboxError: could not start this candidate ({err})') for _ in codes[len(cands):]]
+        self._settle(cands, results, keep)
+        for r in results: r.duration, r.restarted = time.monotonic() - t0, restarted
+        return results
+
+# %% ../nbs/03_sandbox.ipynb #a78bff94
+@patch
+def adopt(self: Sandbox, i: int):
+    "Make kept candidate `i` (from `fork_run(..., keep=True)`) the sandbox's worker; the other candidates are killed."
+    with self._lock, self._procs.awake():
+        if i not in self._kept: raise ValueError(f'candidate {i} is not available: use fork_run(..., keep=True) and adopt '
+                                                 'before the next run (timed-out or crashed candidates cannot be adopted)')
+        c = self._kept.pop(i)
+        for other in self._kept.values(): other.sock.close()
+        losers, self._kept = [o.dir for o in self._kept.values()], {}
+        self._tidy(keep=c.dir, everything=True)  # the old worker deletes all files but the winner's copy
+        self._sock.close()
+        self._sock, self._reader, self._pid = c.sock, c.reader, c.pid
+        self._procs.sweep(keep={self._pid})  # the old worker, the losers, and anything they started
+        self._slots('unslot', losers)
+        if c.dir in self._slotted: self._home, self._slotted = self._home + [c.dir], set()  # its disk is now the worker's
+        if not self._bind(): self._kill_worker()  # the next run starts a new worker and says so
+
+# %% ../nbs/03_sandbox.ipynb #38ef91ba
+@patch
+def reset(self: Sandbox):
+    "Start from an empty namespace and an empty scratch directory (e.g. for a new question)."
+    with self._lock, self._procs.awake():
+        self._kill_worker()
+        try: self._spawn(wipe=True)
+        except _StartFailed: self._wipe = True  # the next run tries again, and still starts from empty scratch
+
+# %% ../nbs/03_sandbox.ipynb #b5c3e905
+@patch
+def close(self: Sandbox):
+    "Kill the worker and the zygote and delete the scratch directory."
+    with self._lock:
+        for c in self._kept.values(): c.sock.close()
+        self._kept = {}
+        if self._sock is not None: self._sock.close(); self._sock = None
+        self._finalizer()
+
+# %% ../nbs/03a_sandbox_internals.ipynb #7e63a18f
 _MAX_MSG = 64 << 20        # bytes; the most any message may have (the parent's tool results)
 
 _MAX_UNTRUSTED = 4 << 20   # bytes; the most a message from the worker may have
@@ -70,7 +212,7 @@ def _send_by(sock, obj, deadline: float, fds=()):
     "`_send` that gives up (`TimeoutError`) at `deadline`: a peer that stops reading cannot block us."
     sock.settimeout(max(0.1, deadline - time.monotonic())); _send(sock, obj, fds)
 
-# %% ../nbs/03_sandbox.ipynb #71fe621a
+# %% ../nbs/03a_sandbox_internals.ipynb #71fe621a
 def _decode(data: bytes, max_items: int | None = None) -> dict:
     "One message body as a dict; garbage, a non-object or too many items raises `SandboxDied`."
     if max_items is not None and sum(data.count(c) for c in b'[{,:') > max_items:
@@ -80,7 +222,7 @@ def _decode(data: bytes, max_items: int | None = None) -> dict:
     if not isinstance(msg, dict): raise SandboxDied(f'message is a JSON {type(msg).__name__}, not an object')
     return msg
 
-# %% ../nbs/03_sandbox.ipynb #75621110
+# %% ../nbs/03a_sandbox_internals.ipynb #75621110
 def _ancillary(anc, fds: list | None, creds: list | None = None):
     "Collect passed file descriptors into `fds` (closing them if unwanted) and senders' pids into `creds`."
     for level, kind, data in anc:
@@ -105,14 +247,14 @@ def _recv_exact(sock, n: int, fds: list | None = None) -> bytes:
         buf += chunk
     return buf
 
-# %% ../nbs/03_sandbox.ipynb #124ba718
+# %% ../nbs/03a_sandbox_internals.ipynb #124ba718
 def _recv(sock, fds: list | None = None) -> dict:
     "Receive one message from a trusted sender; a closed channel or garbage raises `SandboxDied`."
     (n,) = struct.unpack('!I', _recv_exact(sock, 4, fds))
     if n > _MAX_MSG: raise SandboxDied(f'message of {n} bytes exceeds the limit')
     return _decode(_recv_exact(sock, n))
 
-# %% ../nbs/03_sandbox.ipynb #b7a1c001
+# %% ../nbs/03a_sandbox_internals.ipynb #b7a1c001
 class _Reader:
     "Messages from an untrusted sender, assembled as bytes arrive: bounded in size, and never waiting past a deadline."
     def __init__(self, sock):
@@ -145,7 +287,7 @@ class _Reader:
             self.read()
         return self.msgs.pop(0)
 
-# %% ../nbs/03_sandbox.ipynb #e08a3a5b
+# %% ../nbs/03a_sandbox_internals.ipynb #e08a3a5b
 class _CappedOutput(io.TextIOBase):
     "A stdout that keeps the first `limit` characters and counts the rest."
     def __init__(self, limit: int): self.limit, self.parts, self.n, self.dropped = limit, [], 0, 0
@@ -158,7 +300,7 @@ class _CappedOutput(io.TextIOBase):
     def getvalue(self) -> str:
         return ''.join(self.parts) + (f'\n[... truncated {self.dropped} chars]' if self.dropped else '')
 
-# %% ../nbs/03_sandbox.ipynb #1dbd3ed2
+# %% ../nbs/03a_sandbox_internals.ipynb #1dbd3ed2
 _MAX_INT_BITS = 10_000  # larger integers leave the sandbox as a description of their size
 
 def _plain(x, depth: int = 0):
@@ -177,7 +319,7 @@ def _plain(x, depth: int = 0):
     if mod.startswith('sympy') and getattr(x, 'is_Float', False): return float(x)
     return str(x)
 
-# %% ../nbs/03_sandbox.ipynb #9bfd595e
+# %% ../nbs/03a_sandbox_internals.ipynb #9bfd595e
 def _guarded_import(allowed: set) -> Callable:
     "An `__import__` that admits only top-level names in `allowed` (and their submodules)."
     real = builtins.__import__
@@ -188,7 +330,7 @@ def _guarded_import(allowed: set) -> Callable:
         return real(name, globals, locals, fromlist, level)
     return __import__
 
-# %% ../nbs/03_sandbox.ipynb #9cb8476a
+# %% ../nbs/03a_sandbox_internals.ipynb #9cb8476a
 class _FinalAnswer(BaseException):
     "Raised by `final_answer` to end the code at once (BaseException, so `except Exception` does not catch it)."
 
@@ -215,7 +357,7 @@ class _KeepFinal(ast.NodeTransformer):
         return node
     visit_TryStar = visit_Try
 
-# %% ../nbs/03_sandbox.ipynb #b7a1c003
+# %% ../nbs/03a_sandbox_internals.ipynb #b7a1c003
 def _bound_names(node) -> list[str]:
     "Names that `node` binds (assignment, del, def, class, import, except ... as, match capture)."
     if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load): return [node.id]
@@ -237,7 +379,7 @@ def _transform(tree, protected=frozenset()):
     _check_names(tree, protected)
     return ast.fix_missing_locations(_KeepFinal().visit(tree))
 
-# %% ../nbs/03_sandbox.ipynb #e42da99a
+# %% ../nbs/03a_sandbox_internals.ipynb #e42da99a
 def _run_cell(code: str, ns: dict, fname: str, protected=frozenset()):
     "Execute `code` in `ns` like a notebook cell: statements, then print the repr of a last bare expression."
     linecache.cache[fname] = (len(code), None, code.splitlines(True), fname)
@@ -249,7 +391,7 @@ def _run_cell(code: str, ns: dict, fname: str, protected=frozenset()):
         value = eval(compile(ast.Expression(last.value), fname, 'eval'), ns)
         if value is not None: print(repr(value))
 
-# %% ../nbs/03_sandbox.ipynb #b7a1c014
+# %% ../nbs/03a_sandbox_internals.ipynb #b7a1c014
 def _code_builtins(bdict: dict, protected) -> dict:
     "`compile`, `exec` and `eval` for model code: source text gets the same check and rewriting as a step's code."
     def compile(source, filename='<string>', mode='exec', flags=0, dont_inherit=False, optimize=-1, **kw):
@@ -271,7 +413,7 @@ def _code_builtins(bdict: dict, protected) -> dict:
         return run
     return {'compile': compile, 'exec': runner(builtins.exec, 'exec'), 'eval': runner(builtins.eval, 'eval')}
 
-# %% ../nbs/03_sandbox.ipynb #39336724
+# %% ../nbs/03a_sandbox_internals.ipynb #39336724
 def _clip(s: str | None, limit: int) -> str | None:
     "`s` cut to `limit` characters, saying how many were dropped."
     return s if s is None or len(s) <= limit else s[:limit] + f' [... {len(s) - limit} more chars]'
@@ -284,16 +426,7 @@ def _format_error(e: BaseException, keep: int = 6) -> str:
     head = ['Traceback (most recent call last):'] if frames else []
     return '\n'.join(head + lines + [_clip(''.join(traceback.format_exception_only(type(e), e)).strip(), 2000)])
 
-# %% ../nbs/03_sandbox.ipynb #a604eb69
-class Protections(dict):
-    "Each protection layer's status: `'on: what it does'` or `'off: why'`."
-    def active(self) -> list[str]: return [k for k, v in self.items() if v and not str(v).startswith('off')]
-    def _repr_markdown_(self):
-        return '| layer | status |\n|---|---|\n' + '\n'.join(f'| {k} | {v} |' for k, v in self.items())
-
-LAYERS = ('cgroup', 'netns', 'mountns', 'rlimits', 'no_new_privs', 'drop_root', 'landlock', 'seccomp', 'audit_hook')
-
-# %% ../nbs/03_sandbox.ipynb #0f1a94c1
+# %% ../nbs/03a_sandbox_internals.ipynb #0f1a94c1
 _PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS, _PR_SET_CHILD_SUBREAPER, _PR_SET_SECCOMP = 1, 38, 36, 22
 _CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWUSER, _CLONE_NEWNET = 0x20000, 0x08000000, 0x10000000, 0x40000000
 
@@ -314,7 +447,7 @@ def _prctl(option: int, arg: int = 0):
     libc = _libc()
     return _check(libc.prctl(option, ctypes.c_ulong(arg), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)), 'prctl')
 
-# %% ../nbs/03_sandbox.ipynb #27b419bd
+# %% ../nbs/03a_sandbox_internals.ipynb #27b419bd
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
 
 def _mount(src, dst, fstype=None, flags=0, data=None):
@@ -326,7 +459,7 @@ def _unshare(flags: int):
     "unshare(2)."
     _check(_libc().unshare(flags), 'unshare')
 
-# %% ../nbs/03_sandbox.ipynb #fe829f48
+# %% ../nbs/03a_sandbox_internals.ipynb #fe829f48
 def _python_paths() -> list[str]:
     "Directories the interpreter reads from: installation prefixes and library dirs (never the working directory)."
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *(v for k, v in sysconfig.get_paths().items()
@@ -341,7 +474,7 @@ def _system_paths() -> list[str]:
 
 _DEVICES = ('/dev/null', '/dev/zero', '/dev/random', '/dev/urandom')
 
-# %% ../nbs/03_sandbox.ipynb #f2d1f741
+# %% ../nbs/03a_sandbox_internals.ipynb #f2d1f741
 def _bind(src: str, root: str, ro: bool = True):
     "Bind-mount `src` at the same path under `root` (symlinks are recreated as symlinks)."
     dst = root + src
@@ -364,7 +497,7 @@ def _pivot_root(root: str):
     _check(_libc().umount2(b'.', 2), 'umount old root')      # MNT_DETACH
     os.chdir('/')
 
-# %% ../nbs/03_sandbox.ipynb #a45dfece
+# %% ../nbs/03a_sandbox_internals.ipynb #a45dfece
 def _build_root(root: str, scratch: str, cfg: dict):
     "Populate a tmpfs at `root` with read-only system and Python dirs, devices and a scratch tmpfs; pivot into it."
     _mount(None, '/', None, _MS_REC | _MS_PRIVATE)
@@ -386,7 +519,7 @@ def _mount_scratch(path: str, cfg: dict):
 
 _SLOT = re.compile(r'\.fork-\d+-\d+\Z')
 
-# %% ../nbs/03_sandbox.ipynb #c624869c
+# %% ../nbs/03a_sandbox_internals.ipynb #c624869c
 def _slot_dir(cfg: dict, slots: set, home, name) -> str:
     "The path of candidate slot `name` under the worker's `home` (slot names from scratch); ValueError unless both are well formed."
     if not isinstance(home, list) or not all(isinstance(h, str) and _SLOT.match(h) for h in [*home, name]): raise ValueError('bad slot name')
@@ -409,7 +542,7 @@ def _drop_slot(path: str):
     try: os.rmdir(path)
     except OSError: pass
 
-# %% ../nbs/03_sandbox.ipynb #74d8a754
+# %% ../nbs/03a_sandbox_internals.ipynb #74d8a754
 def _fresh_scratch(cfg: dict):
     "Replace the scratch tmpfs by a new one (the old one, whatever the code left in it, is detached and freed); check it is empty."
     path = cfg['scratch']
@@ -419,7 +552,7 @@ def _fresh_scratch(cfg: dict):
     if os.listdir(path) or st.f_bfree != st.f_blocks or st.f_ffree + 1 < st.f_files:
         raise OSError(errno.ENOTEMPTY, f'the new scratch disk is not empty ({st.f_blocks - st.f_bfree} blocks, {st.f_files - st.f_ffree} files used)')
 
-# %% ../nbs/03_sandbox.ipynb #218de31f
+# %% ../nbs/03a_sandbox_internals.ipynb #218de31f
 def _map_user():
     "After unshare(CLONE_NEWUSER) without root: map our uid and gid to themselves."
     uid, gid = os.getuid(), os.getgid()
@@ -445,7 +578,7 @@ def _isolate_zygote(cfg: dict) -> dict:
     else: prot['mountns'] = 'off: disabled'
     return prot
 
-# %% ../nbs/03_sandbox.ipynb #4fc45827
+# %% ../nbs/03a_sandbox_internals.ipynb #4fc45827
 def _vm_size_kb() -> int:
     "This process's virtual memory size (from /proc)."
     with open('/proc/self/status') as f:
@@ -470,7 +603,7 @@ def _arm_cpu_limit(seconds: float):
     soft = int(r.ru_utime + r.ru_stime + seconds) + 1
     resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
 
-# %% ../nbs/03_sandbox.ipynb #f3649852
+# %% ../nbs/03a_sandbox_internals.ipynb #f3649852
 _LL_READ = 1 | 4 | 8          # EXECUTE | READ_FILE | READ_DIR
 _LL_FILE = 1 | 2 | 4          # the rights that apply to a single file
 
@@ -487,7 +620,7 @@ def _landlock_rule(libc, ruleset: int, path: str, rights: int, abi: int):
     try: _check(libc.syscall(445, ruleset, 1, attr, 0), f'landlock_add_rule {path}')
     finally: os.close(fd)
 
-# %% ../nbs/03_sandbox.ipynb #56eed90c
+# %% ../nbs/03a_sandbox_internals.ipynb #56eed90c
 def _landlock(read: list[str], write: list[str]) -> str:
     "Restrict this process (and its children) to reading `read`, writing `write`, no TCP, scoped signals."
     abi = _landlock_abi()
@@ -505,7 +638,7 @@ def _landlock(read: list[str], write: list[str]) -> str:
     finally: os.close(ruleset)
     return f"on: ABI {abi}: files{', TCP' if net else ''}{', signals + abstract sockets' if scoped else ''}"
 
-# %% ../nbs/03_sandbox.ipynb #d4247216
+# %% ../nbs/03a_sandbox_internals.ipynb #d4247216
 def _drop_caps():
     "Clear all capability sets of this process (capset)."
     hdr = (ctypes.c_uint32 * 2)(0x20080522, 0)
@@ -520,7 +653,7 @@ def _drop_root(uid: int) -> str:
     os.setgroups([]); os.setresgid(uid, uid, uid); os.setresuid(uid, uid, uid)
     return f'on: uid/gid {uid}, no capabilities'
 
-# %% ../nbs/03_sandbox.ipynb #70dc3b4a
+# %% ../nbs/03a_sandbox_internals.ipynb #70dc3b4a
 _SECCOMP_DENY = (59, 322, 101, 310, 311, 165, 166, 155, 161, 272, 308, 112, 109, 321, 298, 250, 248, 249, 175, 313,
                  176, 246, 320, 169, 167, 168, 135, 323, 425, 426, 427, 163, 164, 227, 305, 159, 103, 153, 179, 303,
                  304, 212, 172, 173, 442, 429, 428, 430, 431, 432, 433, 438, 312, 300, 134, 170, 171,
@@ -534,7 +667,7 @@ _CLONE_DENY = _NS_FLAGS | 0x100 | 0x8000 | 0x10000  # ... | CLONE_VM | CLONE_PAR
 _F_SIGNALS = (8, 10, 15, 1024, 1026)   # fcntl F_SETOWN, F_SETSIG, F_SETOWN_EX, F_SETLEASE, F_NOTIFY: I/O that signals
 _IOCTL_SIGNALS = (0x5452, 0x8901, 0x8902)  # FIOASYNC, FIOSETOWN, SIOCSPGRP
 
-# %% ../nbs/03_sandbox.ipynb #b7a1c012
+# %% ../nbs/03a_sandbox_internals.ipynb #b7a1c012
 _LD, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06
 _ALLOW, _EPERM, _ENOSYS, _KILL = 0x7fff0000, 0x50000 | 1, 0x50000 | 38, 0x80000000
 
@@ -558,7 +691,7 @@ def _bpf_program() -> list[tuple]:
     p += [(_JEQ, 0, 4, _NR_SOCKET), (_LD, 0, 0, 16), (_JEQ, 0, 1, 1), (_RET, 0, 0, _ALLOW), (_RET, 0, 0, _EPERM)]  # AF_UNIX only
     return p + [(_RET, 0, 0, _ALLOW)]
 
-# %% ../nbs/03_sandbox.ipynb #5f5c655f
+# %% ../nbs/03a_sandbox_internals.ipynb #5f5c655f
 class _SockFprog(ctypes.Structure):
     _fields_ = [('len', ctypes.c_ushort), ('filter', ctypes.c_void_p)]
 
@@ -574,7 +707,7 @@ def _seccomp() -> str:
     return (f'on: {len(_SECCOMP_DENY) + 3} syscalls refused (execve, ptrace, mount, unshare, signals, timers, '
             'signal handlers, threads, signal-driven I/O, SysV/POSIX IPC, non-Unix sockets, ...)')
 
-# %% ../nbs/03_sandbox.ipynb #1db31bb1
+# %% ../nbs/03a_sandbox_internals.ipynb #1db31bb1
 _DENY_EVENTS = {'os.system', 'os.exec', 'os.spawn', 'os.posix_spawn', 'os.fork', 'os.forkpty', 'subprocess.Popen',
                 'os.kill', 'os.killpg', 'signal.pthread_kill', 'os.putenv', 'os.unsetenv', 'sys.addaudithook',
                 'code.__new__', 'os.chmod', 'os.chown', 'os.chflags', 'os.lchflags', 'os.lchmod', 'os.link',
@@ -591,7 +724,7 @@ _FRAME_ATTRS = {'tb_frame', 'gi_frame', 'cr_frame', 'ag_frame'}
 _DENY_MODULES = {'subprocess', 'socket', '_socket', 'ssl', '_ssl', 'multiprocessing', '_posixsubprocess', 'pty',
                  'asyncio', 'urllib', 'http', 'ftplib', 'smtplib', 'mmap', 'termios', '_ctypes', 'ctypes', 'pdb'}
 
-# %% ../nbs/03_sandbox.ipynb #e70f82b2
+# %% ../nbs/03a_sandbox_internals.ipynb #e70f82b2
 _O_WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 class _Guard:
@@ -607,7 +740,7 @@ class _Guard:
     def _deny(self, event, detail=''):
         raise PermissionError(f"blocked by the sandbox: {event}{' ' + repr(detail) if detail != '' else ''}")
 
-# %% ../nbs/03_sandbox.ipynb #ca7ae1c5
+# %% ../nbs/03a_sandbox_internals.ipynb #ca7ae1c5
 @patch
 def __call__(self: _Guard, event: str, args: tuple):
     "The hook: called by CPython before each audited operation."
@@ -629,7 +762,7 @@ def __call__(self: _Guard, event: str, args: tuple):
         elif event == 'object.__setattr__' and args[1] == '__code__': self._deny('code replacement')
     finally: self.busy = False
 
-# %% ../nbs/03_sandbox.ipynb #992374b7
+# %% ../nbs/03a_sandbox_internals.ipynb #992374b7
 _MAX_ANSWER = 100_000   # characters of JSON a final answer may take; a larger one is cut to a string
 
 _MAX_ARGS = 1 << 20     # characters of JSON a tool call's arguments may take
@@ -652,7 +785,7 @@ def _answer_box() -> tuple[list, Callable, Callable]:
         if box: raise _FinalAnswer()
     return box, final_answer, check
 
-# %% ../nbs/03_sandbox.ipynb #a6ceb149
+# %% ../nbs/03a_sandbox_internals.ipynb #a6ceb149
 class _Worker:
     "The sandboxed side: a namespace, a channel to the parent, and a guard."
     def __init__(self, sock, cfg: dict, guard: _Guard):
@@ -676,7 +809,7 @@ class _Worker:
         except OSError: pass
         return box
 
-# %% ../nbs/03_sandbox.ipynb #877c1dfd
+# %% ../nbs/03a_sandbox_internals.ipynb #877c1dfd
 def _tool_stub(sock, name: str, doc: str):
     "A stub that forwards a call of tool `name` over `sock` to the parent and returns its plain-data result."
     def tool(*args, **kwargs):
@@ -689,7 +822,7 @@ def _tool_stub(sock, name: str, doc: str):
     tool.__name__, tool.__qualname__, tool.__doc__ = name, name, doc
     return tool
 
-# %% ../nbs/03_sandbox.ipynb #2fa236d0
+# %% ../nbs/03a_sandbox_internals.ipynb #2fa236d0
 @patch
 def run(self: _Worker, code: str, cpu_s: float, nonce=None) -> dict:
     "Run one cell with the guard on; return the result message (echoing the request's `nonce`)."
@@ -712,7 +845,7 @@ def run(self: _Worker, code: str, cpu_s: float, nonce=None) -> dict:
     return {'type': 'result', 'nonce': nonce, 'output': out.getvalue(), 'error': _clip(err, _MAX_ERROR), 'is_final': bool(box),
             'final_answer': box[0] if box else None}
 
-# %% ../nbs/03_sandbox.ipynb #0a18b2e9
+# %% ../nbs/03a_sandbox_internals.ipynb #0a18b2e9
 @patch
 def fork(self: _Worker, fds: list[int], codes: list[str], cpu_s: float, tag: int, nonce=None, slots: bool = False):
     "Fork one child per socket in `fds`; child i runs `codes[i]` in its own scratch copy (on its own disk if `slots`), answers, then serves there."
@@ -737,7 +870,7 @@ def _candidate(self: _Worker, fd: int, fds: list[int], code: str, cpu_s: float, 
     _send(self.sock, self.run(code, cpu_s) if err is None else
           {'type': 'result', 'output': '', 'error': err, 'is_final': False, 'final_answer': None})
 
-# %% ../nbs/03_sandbox.ipynb #b7a1c015
+# %% ../nbs/03a_sandbox_internals.ipynb #b7a1c015
 _MAX_DEPTH = 64  # directory levels in scratch that fork_run copies
 
 def _tree(root: str) -> list:
@@ -758,7 +891,7 @@ def _usage(path: str) -> tuple[int, int]:
     entries = _tree(path)
     return sum(e.stat(follow_symlinks=False).st_blocks * 512 for e in entries), len(entries)
 
-# %% ../nbs/03_sandbox.ipynb #452abf3d
+# %% ../nbs/03a_sandbox_internals.ipynb #452abf3d
 @patch
 def _cannot_fork(self: _Worker, n: int, nfds: int, slots: bool = False) -> str | None:
     "Why `n` candidates cannot start here (no file descriptors left, scratch too deep to copy, no room for `n` copies of it), or None."
@@ -773,7 +906,7 @@ def _cannot_fork(self: _Worker, n: int, nfds: int, slots: bool = False) -> str |
     return (f'{n} copies of the scratch files ({used / 2**20:.1f} MB, {files} files) do not fit in the {free / 2**20:.1f} MB '
             f"left of the scratch disk (disk_mb={self.cfg['disk_mb']}); delete files, run fewer candidates, or use a larger disk_mb")
 
-# %% ../nbs/03_sandbox.ipynb #b7a1c004
+# %% ../nbs/03a_sandbox_internals.ipynb #b7a1c004
 def _rmtree(name: str):
     "Delete directory `name` (relative to the cwd) at any depth: no recursion and one descriptor, by walking down and up with chdir."
     back, depth = os.open('.', os.O_RDONLY | os.O_DIRECTORY), 0
@@ -791,7 +924,7 @@ def _rmtree(name: str):
         os.fchdir(back); os.rmdir(name)
     finally: os.fchdir(back); os.close(back)
 
-# %% ../nbs/03_sandbox.ipynb #acb682bd
+# %% ../nbs/03a_sandbox_internals.ipynb #acb682bd
 def _remove(path: str, keep: str | None = None, prefix: str = '') -> bool:
     "Delete the entries of directory `path` whose names start with `prefix`, except `keep` (never following symlinks); whether all went."
     try: back = os.open('.', os.O_RDONLY | os.O_DIRECTORY)
@@ -812,7 +945,7 @@ def _why(e: BaseException) -> str:
         return '; '.join(sorted({re.sub(r":? ('[^']*'|`[^`]*`)", '', str(w[-1])) for w in e.args[0]}))[:200]
     return getattr(e, 'strerror', None) or type(e).__name__
 
-# %% ../nbs/03_sandbox.ipynb #feea909e
+# %% ../nbs/03a_sandbox_internals.ipynb #feea909e
 def _copy_tree(src: str, dst: str, made: bool = False):
     "Copy the scratch files under `src` to directory `dst` (new unless `made`): directories, regular files and symlinks (no pipes, sockets or devices), without recursion."
     if not made: os.mkdir(dst, 0o700)
@@ -838,7 +971,7 @@ def _isolate(self: _Worker, name: str) -> str | None:
                     'Landlock nests at most 16 layers and each adopted candidate adds one: reset() the sandbox')
     return None
 
-# %% ../nbs/03_sandbox.ipynb #271fa900
+# %% ../nbs/03a_sandbox_internals.ipynb #271fa900
 @patch
 def tidy(self: _Worker, keep: str | None = None, everything: bool = False):
     "Delete the candidates' scratch copies except `keep` (and with `everything`, all our other files too)."
@@ -851,7 +984,7 @@ def bind(self: _Worker):
     while os.getppid() != self.cfg['zygote'] and time.monotonic() < end: time.sleep(0.001)  # the old worker is dying
     _die_with(self.cfg['zygote'])
 
-# %% ../nbs/03_sandbox.ipynb #a840f95d
+# %% ../nbs/03a_sandbox_internals.ipynb #a840f95d
 @patch
 def serve(self: _Worker):
     "Answer requests until told to exit or the parent goes away."
@@ -868,7 +1001,7 @@ def serve(self: _Worker):
         elif op == 'adopted': self.bind(); _send(self.sock, {'type': 'bound', 'nonce': nonce})
         elif op == 'exit': os._exit(0)
 
-# %% ../nbs/03_sandbox.ipynb #3a6eaffb
+# %% ../nbs/03a_sandbox_internals.ipynb #3a6eaffb
 def _lockdown(cfg: dict) -> tuple[dict, _Guard]:
     "Confine this (worker) process; returns the protections report and the installed guard."
     layers, prot, scratch = set(cfg['layers']), {}, cfg['scratch']
@@ -893,7 +1026,7 @@ def _lockdown(cfg: dict) -> tuple[dict, _Guard]:
         raise OSError(errno.ENOTEMPTY, 'the scratch directory could not be emptied for a new episode')
     return prot, guard
 
-# %% ../nbs/03_sandbox.ipynb #f87fbaa7
+# %% ../nbs/03a_sandbox_internals.ipynb #f87fbaa7
 def _die_with(parent: int):
     "Be killed when process `parent` ends; exit now if it already has."
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -904,7 +1037,7 @@ def _try(f, *args) -> str:
     try: return f(*args)
     except (OSError, AttributeError) as e: return f'off: {e}'
 
-# %% ../nbs/03_sandbox.ipynb #65e75f6d
+# %% ../nbs/03a_sandbox_internals.ipynb #65e75f6d
 def _worker_main(fd: int, cfg: dict):
     "Entry point of a worker forked by the zygote: lock down, say hello, serve."
     sock = None
@@ -923,7 +1056,7 @@ def _worker_main(fd: int, cfg: dict):
         except Exception: pass
     finally: os._exit(1)
 
-# %% ../nbs/03_sandbox.ipynb #d21a0479
+# %% ../nbs/03a_sandbox_internals.ipynb #d21a0479
 def _clean_env(scratch: str) -> dict:
     "The zygote's entire environment: nothing from the host."
     return {'PATH': '/usr/bin:/bin', 'HOME': scratch, 'TMPDIR': scratch, 'LANG': 'C.UTF-8', 'LC_ALL': 'C.UTF-8',
@@ -936,7 +1069,7 @@ def _preload(modules):
         except Exception: pass
     gc.collect(); gc.freeze()  # keep the collector off these pages, so forks do not copy them
 
-# %% ../nbs/03_sandbox.ipynb #6a6fcc99
+# %% ../nbs/03a_sandbox_internals.ipynb #6a6fcc99
 def _signame(n: int) -> str:
     "`SIGKILL` for 9; `signal 40` for numbers without a name (real-time signals)."
     try: return signal.Signals(n).name
@@ -959,7 +1092,7 @@ def _exit_status(statuses: dict, pid: int, wait: float = 0.5) -> str:
         time.sleep(0.005); _reap(statuses)
     return statuses.get(pid, 'unknown')
 
-# %% ../nbs/03_sandbox.ipynb #fe1d7ed9
+# %% ../nbs/03a_sandbox_internals.ipynb #fe1d7ed9
 def _zygote_slots(ctl, cfg: dict, msg: dict, slots: set):
     "Mount one disk per candidate (`op: slots`, all or none) or detach them (`op: unslot`)."
     try: paths = [_slot_dir(cfg, slots, msg.get('home'), n) for n in msg.get('names', [])]
@@ -975,7 +1108,7 @@ def _zygote_slots(ctl, cfg: dict, msg: dict, slots: set):
         return _send(ctl, {'type': 'error', 'error': f'no disks for the candidates: {e}'})
     slots.update(made); _send(ctl, {'type': 'slotted'})
 
-# %% ../nbs/03_sandbox.ipynb #f1fe1cd4
+# %% ../nbs/03a_sandbox_internals.ipynb #f1fe1cd4
 def _zygote_serve(ctl, cfg: dict, msg: dict, fds: list, statuses: dict, groups: set, slots: set):
     "Answer one request of the parent."
     if msg.get('op') in ('slots', 'unslot') and cfg.get('slots'): _zygote_slots(ctl, cfg, msg, slots)
@@ -991,7 +1124,7 @@ def _zygote_serve(ctl, cfg: dict, msg: dict, fds: list, statuses: dict, groups: 
         _send(ctl, {'type': 'spawned', 'pid': pid})
     elif msg.get('op') == 'status': _send(ctl, {'type': 'status', 'status': _exit_status(statuses, msg['pid'])})
 
-# %% ../nbs/03_sandbox.ipynb #43407ca2
+# %% ../nbs/03a_sandbox_internals.ipynb #43407ca2
 def _zygote_main():
     "Entry point of the zygote process (run by `Sandbox` with `python -I -c`)."
     cfg = json.loads(sys.argv[1])
@@ -1022,7 +1155,7 @@ def _zygote_main():
             for fd in fds: os.close(fd)
     _zygote_exit(groups, statuses, cg)
 
-# %% ../nbs/03_sandbox.ipynb #b7a1c013
+# %% ../nbs/03a_sandbox_internals.ipynb #b7a1c013
 def _kill_cgroup(cg: dict):
     "Thaw and SIGKILL every process of the sandbox's cgroup (files opened before pivoting), until none is left."
     if 'freezer' in cg: os.pwrite(cg['freezer'], b'THAWED', 0)  # frozen processes do not die (cgroup v1)
@@ -1039,7 +1172,7 @@ def _kill_cgroup(cg: dict):
             finally: os.close(fd)
         time.sleep(0.005)
 
-# %% ../nbs/03_sandbox.ipynb #392776ec
+# %% ../nbs/03a_sandbox_internals.ipynb #392776ec
 def _zygote_exit(groups: set, statuses: dict, cg: dict):
     "Kill every process of the sandbox (its cgroup, and each worker's process group whose leader is unreaped), reap, exit."
     for g in groups - statuses.keys():
@@ -1055,7 +1188,7 @@ def _zygote_exit(groups: set, statuses: dict, cg: dict):
         if pid == 0: time.sleep(0.01)
     os._exit(0)
 
-# %% ../nbs/03_sandbox.ipynb #9808d21e
+# %% ../nbs/03a_sandbox_internals.ipynb #9808d21e
 _CGROUP_V1 = Path('/sys/fs/cgroup')
 
 class _Cgroup:
@@ -1101,7 +1234,7 @@ class _Cgroup:
                 except OSError: time.sleep(0.01)
         self.dirs = []
 
-# %% ../nbs/03_sandbox.ipynb #b7a1c005
+# %% ../nbs/03a_sandbox_internals.ipynb #b7a1c005
 def _proc_stat(pid) -> tuple[int, int] | None:
     "(parent pid, session id) of live process `pid` (None if it is gone or a zombie), from /proc."
     try:
@@ -1127,7 +1260,7 @@ def _pidfd(pid: int) -> int | None:
     try: return os.pidfd_open(pid)
     except OSError: return None
 
-# %% ../nbs/03_sandbox.ipynb #6965d213
+# %% ../nbs/03a_sandbox_internals.ipynb #6965d213
 class _Procs:
     "The processes and files a Sandbox must clean up (kept apart from it for the finalizer)."
     def __init__(self, base: Path): self.base, self.zygote, self.ctl, self.cgroup, self.sids = base, None, None, None, set()
@@ -1186,7 +1319,7 @@ class _Procs:
         if self.cgroup is not None: self.cgroup.remove()
         shutil.rmtree(self.base, ignore_errors=True)
 
-# %% ../nbs/03_sandbox.ipynb #f3cf1e17
+# %% ../nbs/03a_sandbox_internals.ipynb #f3cf1e17
 def _remove_stale_dirs():
     "Delete temporary directories and cgroups left by sandboxes whose parent process was killed."
     dirs = [*Path(tempfile.gettempdir()).glob('agent-sandbox-*-*'), *_CGROUP_V1.glob('*/agent-sandbox-*-*')]
@@ -1198,45 +1331,7 @@ def _remove_stale_dirs():
             except OSError: pass
         else: shutil.rmtree(d, ignore_errors=True)
 
-# %% ../nbs/03_sandbox.ipynb #51533060
-class Sandbox:
-    "Run model-written Python in an isolated, resource-limited worker process whose state persists between runs."
-    def __init__(self, tools: dict | list | None = None,    # name -> callable run in the parent (a list uses __name__)
-                 timeout: float = 10.0,                      # wall-clock seconds per run (tool time excluded, see max_tool_time)
-                 memory_mb: int = 1024,                      # address space the code may add to the interpreter
-                 max_output: int = 10_000,                   # printed characters kept per run
-                 imports=ALLOWED_IMPORTS,                    # top-level modules the code may import
-                 disk_mb: int = 64,                          # scratch size and largest file
-                 max_files: int = 1024,                      # files in scratch (tmpfs inodes)
-                 max_procs: int = 256,                       # processes of the sandbox (cgroup; else RLIMIT_NPROC per uid)
-                 tree_memory_mb: int | None = None,          # memory of the whole process tree (default 4 x memory_mb, >= 2 GB)
-                 uid: int = 65534,                           # user the worker becomes when started as root
-                 layers=LAYERS,                              # protection layers to enable (all by default)
-                 max_tool_time: float | None = None):        # tool seconds one run may add to its timeout (default 3 x timeout)
-        tools = {f.__name__: f for f in tools} if isinstance(tools, (list, tuple)) else dict(tools or {})
-        bad = [n for n in tools if not isinstance(n, str) or not n.isidentifier() or n in ('final_answer', _RERAISE)]
-        if bad: raise ValueError(f'invalid tool names: {bad}')
-        self.tools, self.timeout, self.memory_mb, self.max_output = tools, timeout, memory_mb, max_output
-        self.imports, self.disk_mb, self.max_files, self.max_procs, self.uid = tuple(imports), disk_mb, max_files, max_procs, uid
-        self.layers, self.max_tool_time = tuple(l for l in layers if l in LAYERS), max_tool_time
-        _remove_stale_dirs()
-        base = Path(tempfile.mkdtemp(prefix=f'agent-sandbox-{os.getpid()}-'))
-        self.scratch, self._root = base/'scratch', base/'root'
-        self.scratch.mkdir(mode=0o700); self._root.mkdir()
-        if os.getuid() == 0 and 'drop_root' in self.layers: os.chown(self.scratch, uid, uid)
-        self._procs = _Procs(base)
-        if 'cgroup' in self.layers:
-            self._procs.cgroup = _Cgroup(base.name, tree_memory_mb or max(4 * memory_mb, 2048), max_procs)
-        self._finalizer = weakref.finalize(self, self._procs.close)
-        self._lock, self._sock, self._reader, self._pid, self._kept, self._nspawn, self._nfork = threading.RLock(), None, None, None, {}, 0, 0
-        self._zprot, self._wprot, self._wipe, self._zslots, self._home, self._slotted = None, {}, False, False, [], set()
-        self._start_zygote()
-
-    def __enter__(self): return self
-    def __exit__(self, *exc): self.close()
-    def __repr__(self): return f'Sandbox(tools={list(self.tools)}, timeout={self.timeout}, memory_mb={self.memory_mb}, worker={self._pid})'
-
-# %% ../nbs/03_sandbox.ipynb #a08fd6ec
+# %% ../nbs/03a_sandbox_internals.ipynb #a08fd6ec
 @patch
 def _start_zygote(self: Sandbox):
     "Launch the zygote with a clean environment; `_zygote_ready` waits for it."
@@ -1258,7 +1353,7 @@ def _start_zygote(self: Sandbox):
     theirs.close(); self._log.close()
     self._procs.ctl = ours; self._procs.sids.add(self._procs.zygote.pid)
 
-# %% ../nbs/03_sandbox.ipynb #bf4c75e8
+# %% ../nbs/03a_sandbox_internals.ipynb #bf4c75e8
 @patch
 def _zygote_ready(self: Sandbox, timeout: float = 120):
     "Wait for the zygote's `ready` message (once)."
@@ -1271,7 +1366,7 @@ def _zygote_ready(self: Sandbox, timeout: float = 120):
     if msg.get('type') != 'ready': raise RuntimeError(f"sandbox zygote failed to start:\n{msg.get('error')}")
     self._zprot, self._zslots = msg['protections'], msg.get('slots') is True
 
-# %% ../nbs/03_sandbox.ipynb #4396647e
+# %% ../nbs/03a_sandbox_internals.ipynb #4396647e
 @patch
 def _zygote_call(self: Sandbox, msg: dict, fds=(), timeout: float = 30) -> dict:
     "One request/reply with the zygote."
@@ -1280,7 +1375,7 @@ def _zygote_call(self: Sandbox, msg: dict, fds=(), timeout: float = 30) -> dict:
     _send(self._procs.ctl, msg, fds)
     return _recv(self._procs.ctl)
 
-# %% ../nbs/03_sandbox.ipynb #1244e6ff
+# %% ../nbs/03a_sandbox_internals.ipynb #1244e6ff
 @patch
 def _spawn_worker(self: Sandbox, wipe: bool):
     "Ask the zygote for a fresh worker (empty namespace) and wait for its hello."
@@ -1301,7 +1396,7 @@ def _spawn_worker(self: Sandbox, wipe: bool):
     prot = hello.get('protections')
     self._wprot = {str(k): _clip(str(v), 300) for k, v in prot.items()} if isinstance(prot, dict) else {}
 
-# %% ../nbs/03_sandbox.ipynb #b7a1c016
+# %% ../nbs/03a_sandbox_internals.ipynb #b7a1c016
 class _StartFailed(RuntimeError):
     "No worker could be started, not even by a new zygote."
 
@@ -1324,14 +1419,14 @@ def _spawn(self: Sandbox, wipe: bool = False):
         except (SandboxDied, OSError, RuntimeError) as e: why = e
     raise _StartFailed(f'no sandbox worker could be started ({_describe(why)})')
 
-# %% ../nbs/03_sandbox.ipynb #1296be22
+# %% ../nbs/03a_sandbox_internals.ipynb #1296be22
 @patch
 def _respawn(self: Sandbox) -> str:
     "Start a worker after the last one was lost; the sentence that tells the caller what happened."
     try: self._spawn(); return _RESTARTED
     except _StartFailed as e: return f' {e}; the next run tries again.'
 
-# %% ../nbs/03_sandbox.ipynb #d41c5013
+# %% ../nbs/03a_sandbox_internals.ipynb #d41c5013
 @patch
 def _kill_worker(self: Sandbox) -> str | None:
     "Kill the current worker and every other process of the sandbox; return how the worker ended, if known."
@@ -1356,17 +1451,7 @@ def _ensure_worker(self: Sandbox) -> bool:
     self._spawn()
     return self._nspawn > 1
 
-# %% ../nbs/03_sandbox.ipynb #1fb0f265
-@patch(as_prop=True)
-def protections(self: Sandbox) -> Protections:
-    "Which layers are active, as reported by the zygote and the current worker."
-    with self._lock, self._procs.awake():
-        self._ensure_worker()
-        cg = self._procs.cgroup.status if self._procs.cgroup is not None else 'off: disabled'
-        p = {'process': 'on: separate CPython worker forked from a clean-environment zygote', 'cgroup': cg, **self._zprot, **self._wprot}
-        return Protections({k: p[k] for k in ['process', *LAYERS] if k in p})
-
-# %% ../nbs/03_sandbox.ipynb #c985fc67
+# %% ../nbs/03a_sandbox_internals.ipynb #c985fc67
 class _Timeout(Exception): pass
 
 def _describe(e: BaseException) -> str:
@@ -1384,7 +1469,7 @@ def _call_tool(self: Sandbox, msg: dict) -> dict:
     try: return {'op': 'tool_result', 'value': _plain(self.tools[name](*_clean(args), **_clean(kwargs)))}
     except Exception as e: return {'op': 'tool_result', 'error': _describe(e)}
 
-# %% ../nbs/03_sandbox.ipynb #79f17d77
+# %% ../nbs/03a_sandbox_internals.ipynb #79f17d77
 @patch
 def _serve(self: Sandbox, deadline: float, hard: float, nonce: str) -> dict:
     "Wait for the worker's result to request `nonce`, answering tool calls (which move `deadline`, never past `hard`)."
@@ -1399,7 +1484,7 @@ def _serve(self: Sandbox, deadline: float, hard: float, nonce: str) -> dict:
         deadline = min(deadline + time.monotonic() - t0, hard)
         _send_by(self._sock, reply, deadline)
 
-# %% ../nbs/03_sandbox.ipynb #4d1e6c7f
+# %% ../nbs/03a_sandbox_internals.ipynb #4d1e6c7f
 _SURROGATES = re.compile('[\ud800-\udfff]')
 
 def _clean(x, depth: int = 0):
@@ -1422,7 +1507,7 @@ _RESTARTED = ' The sandbox was restarted: variables from earlier steps are gone.
 def _timeout_error(timeout: float) -> str: return f'TimeoutError: the code ran longer than {timeout:g} s and was stopped.'
 def _died_error(why: str) -> str: return f'SandboxError: the sandbox process died ({_clip(why, 300)}).'
 
-# %% ../nbs/03_sandbox.ipynb #7177b49b
+# %% ../nbs/03a_sandbox_internals.ipynb #7177b49b
 @patch
 def _hard_limit(self: Sandbox, t0: float, timeout: float) -> float:
     "The instant after which a run stops whatever its tools took."
@@ -1436,29 +1521,7 @@ def _restart(self: Sandbox, r: ExecResult, t0: float) -> ExecResult:
     r.error += self._respawn(); r.restarted, r.duration = True, time.monotonic() - t0
     return r
 
-# %% ../nbs/03_sandbox.ipynb #76dc630d
-@patch
-def run(self: Sandbox, code: str,       # Python source written by the model
-        timeout: float | None = None    # wall-clock limit for this run (default: the sandbox's)
-       ) -> ExecResult:
-    "Execute `code` in the persistent worker and return what it printed, raised or answered."
-    with self._lock, self._procs.awake():
-        t0, timeout = time.monotonic(), timeout or self.timeout
-        try: restarted = self._ensure_worker()
-        except _StartFailed as e: return ExecResult(error=f'SandboxError: {e}', restarted=True, duration=time.monotonic() - t0)
-        self._discard_kept()
-        t1, nonce = time.monotonic(), secrets.token_hex(8)  # the deadline starts when the code is sent
-        try:
-            _send_by(self._sock, {'op': 'run', 'code': code, 'cpu_s': timeout + 1, 'nonce': nonce}, t1 + timeout)
-            r = _result(self._serve(t1 + timeout, self._hard_limit(t1, timeout), nonce), self.max_output, restarted=restarted)
-        except _Timeout: return self._restart(ExecResult(error=_timeout_error(timeout), timed_out=True), t0)
-        except Exception as e: return self._restart(ExecResult(error=_describe(e)), t0)
-        except BaseException: self._kill_worker(); raise
-        self._procs.sweep(keep={self._pid})  # nothing the code started runs on after it
-        r.duration = time.monotonic() - t0
-        return r
-
-# %% ../nbs/03_sandbox.ipynb #d5ca64c6
+# %% ../nbs/03a_sandbox_internals.ipynb #d5ca64c6
 @dataclass
 class _Candidate:
     "One `fork_run` child as the parent knows it: our socket end, its reader (whose `pid` the kernel supplied), its scratch dir."
@@ -1479,7 +1542,7 @@ def _discard_kept(self: Sandbox):
     self._procs.sweep(keep={self._pid})
     self._slots('unslot', dirs)
 
-# %% ../nbs/03_sandbox.ipynb #0853924e
+# %% ../nbs/03a_sandbox_internals.ipynb #0853924e
 @patch
 def _slots(self: Sandbox, op: str, names: list[str]) -> bool:
     "Ask the zygote to mount a disk for each candidate in `names` (`op='slots'`) or to detach them (`'unslot'`); whether it did."
@@ -1491,7 +1554,7 @@ def _slots(self: Sandbox, op: str, names: list[str]) -> bool:
     if op == 'unslot': self._slotted.difference_update(names)
     return ok
 
-# %% ../nbs/03_sandbox.ipynb #480bfa2d
+# %% ../nbs/03a_sandbox_internals.ipynb #480bfa2d
 @patch
 def _fork(self: Sandbox, codes: list[str], cpu_s: float, deadline: float) -> tuple[list, str | None]:
     "Ask the worker for one child per code, each starting on its code at once; returns (candidates, error)."
@@ -1510,7 +1573,7 @@ def _fork(self: Sandbox, codes: list[str], cpu_s: float, deadline: float) -> tup
     for c in cands[n:]: c.sock.close()
     return cands[:n], (_clip(_clean(err), 300) if isinstance(err, str) else None)
 
-# %% ../nbs/03_sandbox.ipynb #49aa30b9
+# %% ../nbs/03a_sandbox_internals.ipynb #49aa30b9
 @patch
 def _candidate_message(self: Sandbox, c: _Candidate, msg: dict, deadline: float, memo: dict | None) -> ExecResult | float:
     "Handle one message of candidate `c`: its result, or a tool call (answered; returns the time it took)."
@@ -1528,7 +1591,7 @@ def _candidate_message(self: Sandbox, c: _Candidate, msg: dict, deadline: float,
     _send_by(c.sock, reply, deadline)
     return time.monotonic() - t
 
-# %% ../nbs/03_sandbox.ipynb #f26fa42f
+# %% ../nbs/03a_sandbox_internals.ipynb #f26fa42f
 @patch
 def _collect(self: Sandbox, cands: list, timeout: float, deadline: float, hard: float, share_tools: bool = True) -> list:
     "Wait for every candidate's result, answering tool calls (identical calls once if `share_tools`); one result each."
@@ -1554,7 +1617,7 @@ def _collect(self: Sandbox, cands: list, timeout: float, deadline: float, hard: 
                 self._procs.kill([c.pid] if c.checked else []); finish(i, ExecResult(error=_died_error(_describe(e))))
     return results
 
-# %% ../nbs/03_sandbox.ipynb #e7173ab1
+# %% ../nbs/03a_sandbox_internals.ipynb #e7173ab1
 @patch
 def _settle(self: Sandbox, cands: list, results: list, keep: bool):
     "Keep the candidates that can be adopted (if `keep`), close the rest, kill every process not kept, tidy scratch."
@@ -1575,52 +1638,7 @@ def _tidy(self: Sandbox, keep: str | None = None, everything: bool = False) -> b
         return reply.get('type') == 'tidied' and reply.get('nonce') == nonce
     except Exception: return False
 
-# %% ../nbs/03_sandbox.ipynb #9382a63e
-@patch
-def fork_run(self: Sandbox, codes: list[str],   # candidate actions, each run from the current state
-             keep: bool = False,                # keep the candidates' processes so one can be `adopt`ed
-             timeout: float | None = None,      # wall-clock limit per candidate
-             share_tools: bool = True           # answer identical tool calls once (right for pure tools like retrieval)
-            ) -> list[ExecResult]:
-    "Run each candidate in a fork of the current worker; the sandbox's own state is left unchanged."
-    with self._lock, self._procs.awake():
-        t0, timeout = time.monotonic(), timeout or self.timeout
-        try: restarted = self._ensure_worker()
-        except _StartFailed as e: return [ExecResult(error=f'SandboxError: {e}', restarted=True) for _ in codes]
-        self._discard_kept()
-        if not codes: return []
-        t1 = time.monotonic()
-        try: cands, err = self._fork(codes, timeout + 1, t1 + timeout)
-        except Exception as e:
-            status = self._kill_worker()
-            why = 'it did not answer in time' if isinstance(e, socket.timeout) else status or _describe(e)
-            tail = self._respawn()
-            return [ExecResult(error=_died_error(why) + tail, restarted=True, duration=time.monotonic() - t0) for _ in codes]
-        results = self._collect(cands, timeout, t1 + timeout, self._hard_limit(t1, timeout), share_tools)
-        results += [ExecResult(error=f'SandboxError: could not start this candidate ({err})') for _ in codes[len(cands):]]
-        self._settle(cands, results, keep)
-        for r in results: r.duration, r.restarted = time.monotonic() - t0, restarted
-        return results
-
-# %% ../nbs/03_sandbox.ipynb #a78bff94
-@patch
-def adopt(self: Sandbox, i: int):
-    "Make kept candidate `i` (from `fork_run(..., keep=True)`) the sandbox's worker; the other candidates are killed."
-    with self._lock, self._procs.awake():
-        if i not in self._kept: raise ValueError(f'candidate {i} is not available: use fork_run(..., keep=True) and adopt '
-                                                 'before the next run (timed-out or crashed candidates cannot be adopted)')
-        c = self._kept.pop(i)
-        for other in self._kept.values(): other.sock.close()
-        losers, self._kept = [o.dir for o in self._kept.values()], {}
-        self._tidy(keep=c.dir, everything=True)  # the old worker deletes all files but the winner's copy
-        self._sock.close()
-        self._sock, self._reader, self._pid = c.sock, c.reader, c.pid
-        self._procs.sweep(keep={self._pid})  # the old worker, the losers, and anything they started
-        self._slots('unslot', losers)
-        if c.dir in self._slotted: self._home, self._slotted = self._home + [c.dir], set()  # its disk is now the worker's
-        if not self._bind(): self._kill_worker()  # the next run starts a new worker and says so
-
-# %% ../nbs/03_sandbox.ipynb #38ef91ba
+# %% ../nbs/03a_sandbox_internals.ipynb #c3a5a007
 @patch
 def _bind(self: Sandbox) -> bool:
     "Have an adopted worker die with the zygote (so nothing outlives a crash of the host); False if it does not confirm."
@@ -1631,25 +1649,7 @@ def _bind(self: Sandbox) -> bool:
         return reply.get('type') == 'bound' and reply.get('nonce') == nonce
     except Exception: return False
 
-@patch
-def reset(self: Sandbox):
-    "Start from an empty namespace and an empty scratch directory (e.g. for a new question)."
-    with self._lock, self._procs.awake():
-        self._kill_worker()
-        try: self._spawn(wipe=True)
-        except _StartFailed: self._wipe = True  # the next run tries again, and still starts from empty scratch
-
-# %% ../nbs/03_sandbox.ipynb #b5c3e905
-@patch
-def close(self: Sandbox):
-    "Kill the worker and the zygote and delete the scratch directory."
-    with self._lock:
-        for c in self._kept.values(): c.sock.close()
-        self._kept = {}
-        if self._sock is not None: self._sock.close(); self._sock = None
-        self._finalizer()
-
-# %% ../nbs/03_sandbox.ipynb #80664bf7
+# %% ../nbs/03a_sandbox_internals.ipynb #80664bf7
 def _interleaved_ms(fs: dict, n: int) -> dict:
     "Median wall time in ms of each callable in `fs`, called in turn `n` times (so all see the same machine load)."
     ts = {k: [] for k in fs}
@@ -1668,7 +1668,7 @@ def _bench_retrieve(corpus):
         return [p for p in corpus if query in p][:3]
     return retrieve
 
-# %% ../nbs/03_sandbox.ipynb #b56fe420
+# %% ../nbs/03a_sandbox_internals.ipynb #b56fe420
 def _bench_peer(tools: dict):
     "smolagents' LocalPythonExecutor in its fastest setting (no timeout thread) and its description; None if not installed."
     try:
@@ -1679,7 +1679,7 @@ def _bench_peer(tools: dict):
     ex.send_tools(tools)
     return ex, f'smolagents {smolagents.__version__} LocalPythonExecutor (timeout_seconds=None)'
 
-# %% ../nbs/03_sandbox.ipynb #9b2f845b
+# %% ../nbs/03a_sandbox_internals.ipynb #9b2f845b
 def bench_sandbox(n: int = 100,        # timed repetitions of each run (median reported; fork_run gets n // 4)
                   candidates: int = 8  # candidates per fork_run
                  ) -> dict:
