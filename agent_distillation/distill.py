@@ -14,12 +14,7 @@ from .core import append_jsonl, read_jsonl, write_jsonl, save_json, load_json, s
 from .prompts import TEACHER_SYSTEM, STUDENT_SYSTEM, DEFAULT_IMPORTS, student_system_prompt, cot_messages
 
 # %% auto #0
-__all__ = ['LLAMA3_TEMPLATE', 'MISTRAL_TEMPLATE', 'ACCELERATE_CONFIGS', 'assistant_spans', 'build_sft_example', 'show_mask',
-           'synthetic_trajectories', 'to_student_messages', 'build_sft_dataset', 'cot_sft_messages',
-           'build_cot_dataset', 'collate_padded', 'collate_packed', 'SimilarLengthSampler', 'padding_waste',
-           'TrainConfig', 'default_lora', 'sft_loss', 'plot_loss', 'TrainResult', 'train_student', 'adapter_info',
-           'load_student', 'merge_adapter', 'write_accelerate_config', 'train_from_jsonl', 'write_run_card', 'main',
-           'bench_batching', 'students_report', 'plot_students']
+__all__ = ['LLAMA3_TEMPLATE', 'MISTRAL_TEMPLATE', 'assistant_spans', 'build_sft_example', 'show_mask', 'synthetic_trajectories', 'to_student_messages', 'build_sft_dataset', 'cot_sft_messages', 'build_cot_dataset', 'collate_padded', 'collate_packed', 'SimilarLengthSampler', 'padding_waste', 'TrainConfig', 'default_lora', 'sft_loss', 'plot_loss', 'TrainResult', 'train_student', 'adapter_info', 'load_student', 'merge_adapter', 'students_report', 'plot_students', 'ACCELERATE_CONFIGS', 'train_from_jsonl', 'write_run_card', 'main', 'write_accelerate_config', 'bench_batching']
 
 # %% ../nbs/09_distill.ipynb #eb362be6
 def _render(tok, messages, **kw) -> str:
@@ -510,25 +505,42 @@ def merge_adapter(base: str, adapter_dir, out_dir, dtype=None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True); raise
     return out
 
-# %% ../nbs/09_distill.ipynb #30a00146
-ACCELERATE_CONFIGS = {
-    'multi_gpu': dict(compute_environment='LOCAL_MACHINE', distributed_type='MULTI_GPU', mixed_precision='bf16',
-                      num_machines=1, machine_rank=0, rdzv_backend='static', same_network=True, use_cpu=False),
-    'fsdp': dict(compute_environment='LOCAL_MACHINE', distributed_type='FSDP', mixed_precision='bf16', num_machines=1,
-                 machine_rank=0, rdzv_backend='static', same_network=True, use_cpu=False,
-                 fsdp_config=dict(fsdp_version=2, fsdp_auto_wrap_policy='TRANSFORMER_BASED_WRAP', fsdp_offload_params=False,
-                                  fsdp_state_dict_type='SHARDED_STATE_DICT', fsdp_cpu_ram_efficient_loading=True,
-                                  fsdp_reshard_after_forward=True, fsdp_activation_checkpointing=False)),
-}
+# %% ../nbs/09_distill.ipynb #d9e4f506
+def students_report(root='runs/cpu/students',  # folder of training runs (one subfolder each)
+                    last: int = 5):             # the end loss is the mean of the last `last` steps
+    "One row per finished run under `root`: data, loss at the start and end, speed, wall time and the adapter."
+    import pandas as pd
+    rows = []
+    for s_path in sorted(Path(root).glob('*/settings.json')):
+        s, log = load_json(s_path), read_jsonl(s_path.parent/'train_log.jsonl')
+        tail = [r['loss'] for r in log[-last:]]
+        wall = sum((datetime.datetime.fromisoformat(x['end']) - datetime.datetime.fromisoformat(x['start'])).total_seconds()
+                   for x in s['sessions'] if x.get('end'))
+        a = s.get('adapter', {})
+        rows.append({'run': s_path.parent.name, 'base': s['base'], 'examples': s['dataset']['examples'],
+                     'trained tokens': s['dataset']['trained_tokens'], 'epochs': s['config']['epochs'], 'steps': s['steps'],
+                     'LoRA r': s['lora'].get('r'), 'first loss': s['first_loss'],
+                     f'end loss (mean of last {last})': sum(tail) / len(tail) if tail else None,
+                     'tokens/s': s['tokens_per_s'], 'train min': s['train_s'] / 60, 'wall min': wall / 60,
+                     'adapter MB': a.get('bytes', 0) / 1e6, 'adapter sha256': a.get('sha256', '')[:12]})
+    if not rows: print(f'no finished training run under {root}: `make students` trains them')
+    return pd.DataFrame(rows).set_index('run').round(3) if rows else pd.DataFrame()
 
-def write_accelerate_config(path, kind: str = 'multi_gpu', num_processes: int = 8) -> Path:
-    "Write an `accelerate launch --config_file` YAML for `kind` ('multi_gpu' or 'fsdp') on `num_processes` GPUs."
-    import yaml
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(dict(ACCELERATE_CONFIGS[kind], num_processes=num_processes), sort_keys=False))
-    return path
+# %% ../nbs/09_distill.ipynb #9162b476
+def plot_students(root='runs/cpu/students', smooth: int = 5):
+    "The loss curves (running mean of `smooth` steps) of every run under `root`, in one figure."
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(7, 3.5), dpi=100); ax = fig.subplots()
+    for p in sorted(Path(root).glob('*/train_log.jsonl')):
+        log = read_jsonl(p)
+        loss, steps = [r['loss'] for r in log], [r['step'] for r in log]
+        k = min(smooth, len(loss))
+        if k: ax.plot(steps[k - 1:], [sum(loss[i - k + 1:i + 1]) / k for i in range(k - 1, len(loss))], label=p.parent.name)
+    ax.set_xlabel('optimizer step'); ax.set_ylabel(f'loss (mean of {smooth} steps)'); ax.grid(alpha=.3)
+    if ax.get_legend_handles_labels()[0]: ax.legend()
+    fig.tight_layout(); return fig
 
-# %% ../nbs/09_distill.ipynb #aecc2a03
+# %% ../nbs/09a_distill_at_scale.ipynb #aecc2a03
 def _sft_data(records: str, kind: str, tok, max_len: int) -> list[dict]:
     "SFT examples from teacher JSONL file(s): the kept trajectories ('agent') or the correct CoT answers ('cot')."
     from agent_distillation.teacher import filter_trajectories
@@ -539,7 +551,7 @@ def _sft_data(records: str, kind: str, tok, max_len: int) -> list[dict]:
     print(f'{kind} SFT data: {dict(stats)}')
     return data
 
-# %% ../nbs/09_distill.ipynb #455d849d
+# %% ../nbs/09a_distill_at_scale.ipynb #455d849d
 # The signature is the command line (one documented option per line), so this cell stays whole.
 def train_from_jsonl(records: str,                  # teacher JSONL file(s), comma-separated
                      out_dir: str = 'runs/cpu/student',  # run folder
@@ -570,7 +582,7 @@ def train_from_jsonl(records: str,                  # teacher JSONL file(s), com
     if int(os.environ.get('RANK', 0)) == 0: write_run_card(out_dir, _command(records, args))
     return res
 
-# %% ../nbs/09_distill.ipynb #a5f83810
+# %% ../nbs/09a_distill_at_scale.ipynb #a5f83810
 import inspect
 _TRAIN_ARGS = {k: v.default for k, v in inspect.signature(train_from_jsonl).parameters.items()}
 
@@ -579,7 +591,7 @@ def _command(records: str, args: dict) -> str:
     flags = ' '.join(f'--{k} {v}' if not isinstance(v, bool) else f'--{k}' for k, v in args.items() if v is not False)
     return f"python -m agent_distillation.distill {records} {flags}".strip()
 
-# %% ../nbs/09_distill.ipynb #c3613ccf
+# %% ../nbs/09a_distill_at_scale.ipynb #c3613ccf
 def _card_table(s: dict) -> str:
     "The run card's table of data, LoRA, recipe, result and adapter, from a run's settings."
     a, d, l = s.get('adapter', {}), s['dataset'], s['lora']
@@ -615,7 +627,7 @@ Load: `agent_distillation.distill.load_student('{s['base']}', '{out}')`, or `age
     (out/'README.md').write_text(card)
     return out/'README.md'
 
-# %% ../nbs/09_distill.ipynb #d870ea9c
+# %% ../nbs/09a_distill_at_scale.ipynb #d870ea9c
 def main(argv: list[str] | None = None):
     "Command-line entry point: `train_from_jsonl` with its parameters as options."
     from fastcore.script import anno_parser
@@ -624,7 +636,25 @@ def main(argv: list[str] | None = None):
 
 if __name__ == '__main__' and '__file__' in globals(): main()  # as a script or module, never inside a notebook
 
-# %% ../nbs/09_distill.ipynb #7792d2b7
+# %% ../nbs/09a_distill_at_scale.ipynb #30a00146
+ACCELERATE_CONFIGS = {
+    'multi_gpu': dict(compute_environment='LOCAL_MACHINE', distributed_type='MULTI_GPU', mixed_precision='bf16',
+                      num_machines=1, machine_rank=0, rdzv_backend='static', same_network=True, use_cpu=False),
+    'fsdp': dict(compute_environment='LOCAL_MACHINE', distributed_type='FSDP', mixed_precision='bf16', num_machines=1,
+                 machine_rank=0, rdzv_backend='static', same_network=True, use_cpu=False,
+                 fsdp_config=dict(fsdp_version=2, fsdp_auto_wrap_policy='TRANSFORMER_BASED_WRAP', fsdp_offload_params=False,
+                                  fsdp_state_dict_type='SHARDED_STATE_DICT', fsdp_cpu_ram_efficient_loading=True,
+                                  fsdp_reshard_after_forward=True, fsdp_activation_checkpointing=False)),
+}
+
+def write_accelerate_config(path, kind: str = 'multi_gpu', num_processes: int = 8) -> Path:
+    "Write an `accelerate launch --config_file` YAML for `kind` ('multi_gpu' or 'fsdp') on `num_processes` GPUs."
+    import yaml
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(dict(ACCELERATE_CONFIGS[kind], num_processes=num_processes), sort_keys=False))
+    return path
+
+# %% ../nbs/09a_distill_at_scale.ipynb #7792d2b7
 def _layouts(data, mb: int, pad_id: int, seed: int) -> dict:
     "The same examples cut into micro-batches of `mb` sequences in each layout: {name: [(batch, real tokens, logits only)]}."
     lengths = [len(e['input_ids']) for e in data]
@@ -647,7 +677,7 @@ def _step(model, opt, batch, logits_only: bool = True) -> float:
     sft_loss(model(**inputs), batch['labels']).backward(); opt.step(); opt.zero_grad(set_to_none=True)
     sync(); return time.perf_counter() - t0
 
-# %% ../nbs/09_distill.ipynb #e0c16045
+# %% ../nbs/09a_distill_at_scale.ipynb #e0c16045
 def bench_batching(base: str = 'smollm2-135m-instruct',  # the student
                    n: int = 8,                  # trajectories (synthetic unless `records` are given)
                    micro_batch_size: int = 4,   # sequences per forward pass for the batched layouts
@@ -666,7 +696,7 @@ def bench_batching(base: str = 'smollm2-135m-instruct',  # the student
     try: return _bench_batching(base, n, micro_batch_size, max_len, extra_steps, records, checkpointing, seed, device)
     finally: torch.set_num_threads(prev)
 
-# %% ../nbs/09_distill.ipynb #ab324af9
+# %% ../nbs/09a_distill_at_scale.ipynb #ab324af9
 def _bench_batching(base, n, micro_batch_size, max_len, extra_steps, records, checkpointing, seed, device=None) -> dict:
     from peft import get_peft_model
     from agent_distillation.registry import load_model, load_tokenizer
@@ -690,7 +720,7 @@ def _bench_batching(base, n, micro_batch_size, max_len, extra_steps, records, ch
                                                    device=str(model.device), dtype=str(model.dtype).replace('torch.', ''),
                                                    lengths=sorted(len(e['input_ids']) for e in data)))
 
-# %% ../nbs/09_distill.ipynb #57944982
+# %% ../nbs/09a_distill_at_scale.ipynb #57944982
 def _bench_table(secs, toks, computed, info) -> dict:
     "Print the benchmark table and return its numbers."
     base_tps = toks['naive padded'] / secs['naive padded']
@@ -700,38 +730,3 @@ def _bench_table(secs, toks, computed, info) -> dict:
     for k, r in rows.items():
         print(f"{k:<27}{r['real_tokens']:>9}{r['computed_tokens']:>10}{r['seconds']:>9}{r['tokens_per_s']:>11}{r['vs_naive']:>9}x")
     return dict(info, rows=rows)
-
-# %% ../nbs/09_distill.ipynb #d9e4f506
-def students_report(root='runs/cpu/students',  # folder of training runs (one subfolder each)
-                    last: int = 5):             # the end loss is the mean of the last `last` steps
-    "One row per finished run under `root`: data, loss at the start and end, speed, wall time and the adapter."
-    import pandas as pd
-    rows = []
-    for s_path in sorted(Path(root).glob('*/settings.json')):
-        s, log = load_json(s_path), read_jsonl(s_path.parent/'train_log.jsonl')
-        tail = [r['loss'] for r in log[-last:]]
-        wall = sum((datetime.datetime.fromisoformat(x['end']) - datetime.datetime.fromisoformat(x['start'])).total_seconds()
-                   for x in s['sessions'] if x.get('end'))
-        a = s.get('adapter', {})
-        rows.append({'run': s_path.parent.name, 'base': s['base'], 'examples': s['dataset']['examples'],
-                     'trained tokens': s['dataset']['trained_tokens'], 'epochs': s['config']['epochs'], 'steps': s['steps'],
-                     'LoRA r': s['lora'].get('r'), 'first loss': s['first_loss'],
-                     f'end loss (mean of last {last})': sum(tail) / len(tail) if tail else None,
-                     'tokens/s': s['tokens_per_s'], 'train min': s['train_s'] / 60, 'wall min': wall / 60,
-                     'adapter MB': a.get('bytes', 0) / 1e6, 'adapter sha256': a.get('sha256', '')[:12]})
-    if not rows: print(f'no finished training run under {root}: `make students` trains them')
-    return pd.DataFrame(rows).set_index('run').round(3) if rows else pd.DataFrame()
-
-# %% ../nbs/09_distill.ipynb #9162b476
-def plot_students(root='runs/cpu/students', smooth: int = 5):
-    "The loss curves (running mean of `smooth` steps) of every run under `root`, in one figure."
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(7, 3.5), dpi=100); ax = fig.subplots()
-    for p in sorted(Path(root).glob('*/train_log.jsonl')):
-        log = read_jsonl(p)
-        loss, steps = [r['loss'] for r in log], [r['step'] for r in log]
-        k = min(smooth, len(loss))
-        if k: ax.plot(steps[k - 1:], [sum(loss[i - k + 1:i + 1]) / k for i in range(k - 1, len(loss))], label=p.parent.name)
-    ax.set_xlabel('optimizer step'); ax.set_ylabel(f'loss (mean of {smooth} steps)'); ax.grid(alpha=.3)
-    if ax.get_legend_handles_labels()[0]: ax.legend()
-    fig.tight_layout(); return fig
