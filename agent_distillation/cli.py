@@ -10,10 +10,10 @@ from fastcore.script import anno_parser
 from .core import seed_everything, read_jsonl, load_json
 
 # %% auto #0
-__all__ = ['STUDENTS', 'DEFAULT_STUDENT', 'ENGINES', 'METHODS', 'PROFILES', 'COMMANDS', 'resolve_adapter', 'load_lm',
-           'make_retriever', 'format_trajectory', 'ask', 'load_records', 'export', 'train', 'load_examples',
-           'make_method', 'evaluate', 'reproduce', 'teacher_method', 'table_factories', 'table_settings',
-           'reproduce_table', 'serve_retriever', 'teacher', 'build_parser', 'main']
+__all__ = ['STUDENTS', 'DEFAULT_STUDENT', 'FAST_STUDENT', 'ENGINES', 'METHODS', 'PROFILES', 'COMMANDS', 'resolve_adapter',
+           'resolve_engine', 'load_lm', 'make_retriever', 'format_trajectory', 'ask', 'load_records', 'export', 'train',
+           'load_examples', 'make_method', 'evaluate', 'reproduce', 'teacher_method', 'table_factories',
+           'table_settings', 'reproduce_table', 'serve_retriever', 'teacher', 'build_parser', 'main']
 
 # %% ../nbs/12_cli.ipynb #f8272024
 STUDENTS = {  # size -> its students: base model and LoRA run folders (agent-distilled, CoT-distilled twin, FTP-distilled or None)
@@ -21,7 +21,8 @@ STUDENTS = {  # size -> its students: base model and LoRA run folders (agent-dis
                  cot='runs/cpu/students/smollm2-135m-cot', ftp='runs/cpu/students/smollm2-135m-agent-ftp'),
     '0.5b': dict(base='qwen2.5-coder-0.5b-instruct', agent='runs/cpu/students/qwen2.5-coder-0.5b-agent-r16',
                  cot='runs/cpu/students/qwen2.5-coder-0.5b-cot-r16', ftp=None)}
-DEFAULT_STUDENT = STUDENTS['135m']  # what `ask`, `evaluate` and `reproduce` run unless told otherwise
+DEFAULT_STUDENT = STUDENTS['0.5b']  # what `ask`, `evaluate` and `reproduce` run unless told otherwise
+FAST_STUDENT = STUDENTS['135m']     # the small one: tests and quick examples
 
 def _repo_root() -> Path:
     "The checkout this package runs from (an editable install), where `runs/` lives."
@@ -43,11 +44,25 @@ def resolve_adapter(adapter: str | None  # a LoRA run folder, relative paths als
                             "train one with `agent-distill train`, or pass --adapter none to use the base model")
 
 # %% ../nbs/12_cli.ipynb #a66e8e4c
-ENGINES = ('transformers', 'llama.cpp')
+ENGINES = ('auto', 'transformers', 'llama.cpp')
+
+def resolve_engine(base: str,           # the student's base model
+                   engine: str = 'auto' # one of `ENGINES`
+                  ) -> str:
+    "The engine 'auto' means for `base`: llama.cpp where it can run the model (a registry GGUF, a llama-server binary, llama.cpp's converter sources), else transformers."
+    if engine not in ENGINES: raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    if engine != 'auto': return engine
+    from agent_distillation.registry import OFFLINE_MODELS
+    from agent_distillation.models import llama_server_backend
+    from agent_distillation.serving import llama_cpp_dir
+    if base not in OFFLINE_MODELS or llama_server_backend() in (None, 'python'): return 'transformers'
+    try: llama_cpp_dir()
+    except FileNotFoundError: return 'transformers'
+    return 'llama.cpp'
 
 def load_lm(base: str,                    # registry name, local folder or hub id
             adapter: str | None = None,   # LoRA run folder (merged into the weights), or None/'none'
-            engine: str = 'transformers', # 'transformers' (`PrefixCacheLM`, batched in-process) or 'llama.cpp' (`serving.StudentServer`)
+            engine: str = 'auto',         # 'transformers' (`PrefixCacheLM`, batched in-process), 'llama.cpp' (`serving.StudentServer`) or 'auto' (`resolve_engine`)
             parallel: int = 16):          # llama.cpp: slots, i.e. conversations in flight
     "The student as a model: `PrefixCacheLM` with the adapter merged, or an `OpenAILM` on llama-server; unknown models fail before anything loads."
     from agent_distillation.rollouts import PrefixCacheLM
@@ -56,6 +71,7 @@ def load_lm(base: str,                    # registry name, local folder or hub i
     path = resolve_adapter(adapter)
     if base not in OFFLINE_MODELS and base != 'tiny-random' and not Path(base).is_dir() and '/' not in base:
         raise ValueError(f"Unknown model {base!r}: use a registry name ({', '.join(OFFLINE_MODELS)}), a local folder or a hub id (org/name)")
+    engine = resolve_engine(base, engine)
     if engine == 'llama.cpp': return _served_lm(base, path, parallel)
     if path is None: return PrefixCacheLM(base)
     from agent_distillation.distill import load_student
@@ -106,6 +122,7 @@ def ask(question: str,                             # the question
         domain: str = 'fact',                      # 'fact' or 'math': the task's answer-format suffix
         max_steps: int = 5,                        # agent steps (paper: 5)
         max_new_tokens: int = 384,                 # tokens per step
+        engine: str = 'auto',                      # 'auto', 'transformers' or 'llama.cpp' (see `resolve_engine`)
         seed: int = 0):                            # sampling seed (SAG)
     "Run a distilled student as a CodeAct agent on one question and print its trajectory."
     from agent_distillation.agent import CodeAgent
@@ -114,15 +131,18 @@ def ask(question: str,                             # the question
     if not question.strip(): raise ValueError('ask needs a non-empty question')
     if domain not in ('fact', 'math'): raise ValueError(f"domain must be 'fact' or 'math', got {domain!r}")
     seed_everything(seed)
-    retrieve, lm = make_retrieve_tool(make_retriever(corpus, seed)), load_lm(base, adapter)
+    retrieve, lm = make_retrieve_tool(make_retriever(corpus, seed)), load_lm(base, adapter, engine)
     policy = None
     if sag:
         from agent_distillation.voting import SelfConsistentAction
         policy = SelfConsistentAction(n=n, seed=seed)  # the paper's N samples at temperature 0.4, top-p 0.8
-    with Sandbox(tools=[retrieve]) as sb:
-        agent = CodeAgent(lm, sb, student=resolve_adapter(adapter) is not None, policy=policy, max_steps=max_steps,
-                          max_new_tokens=max_new_tokens)
-        t = agent.run(question, domain)
+    try:
+        with Sandbox(tools=[retrieve]) as sb:
+            agent = CodeAgent(lm, sb, student=resolve_adapter(adapter) is not None, policy=policy, max_steps=max_steps,
+                              max_new_tokens=max_new_tokens)
+            t = agent.run(question, domain)
+    finally:
+        if hasattr(lm, 'server'): lm.close()  # stop the llama.cpp server
     print(format_trajectory(t))
     return t
 
@@ -222,7 +242,7 @@ METHODS = ('cot_prompting', 'cot_distill', 'cot_distill_rag', 'agent_prompting',
 
 def make_method(name: str, base: str, adapter: str, cot_adapter: str, corpus: str = 'world', sag_n: int = 8,
                 max_steps: int = 5, max_new_tokens: int = 384, cot_max_new_tokens: int = 512, seed: int = 0, _lms: dict = None,
-                ftp_adapter: str | None = None, engine: str = 'transformers'):
+                ftp_adapter: str | None = None, engine: str = 'auto'):
     "One of `METHODS` for a student (its base model; agent, CoT and FTP adapters) as an `evaluate` method."
     from agent_distillation.evaluate import AgentMethod, CoTMethod
     from agent_distillation.retriever import make_retrieve_tool
@@ -252,7 +272,7 @@ def evaluate(methods: str = 'agent_distill,cot_distill',  # comma-separated `MET
              max_steps: int = 5,                          # agent steps
              max_new_tokens: int = 384,                   # tokens per agent step
              cot_max_new_tokens: int = 512,               # tokens per CoT answer
-             engine: str = 'transformers',                # 'transformers' or 'llama.cpp' (see `load_lm`)
+             engine: str = 'auto',                        # 'auto', 'transformers' or 'llama.cpp' (see `resolve_engine`)
              plot: bool = False,                          # also save a bar plot next to `out`
              seed: int = 0):
     "Evaluate methods on benchmarks (resumable) and print the results table."
@@ -310,7 +330,9 @@ def reproduce(profile: str = 'quick',                  # 'quick': every stage on
     print(f'{retriever!r}\nready in {time.time() - t0:.0f}s', flush=True)
     _banner(2, f'the agent-distilled student ({base} + {adapter}) answers world-test questions')
     lm = load_lm(base, adapter)
-    _show_student(lm, make_retrieve_tool(retriever), load_examples('world', P['ask'], seed + 1), 5, 384)
+    try: _show_student(lm, make_retrieve_tool(retriever), load_examples('world', P['ask'], seed + 1), 5, 384)
+    finally:
+        if hasattr(lm, 'server'): lm.close()  # stop the llama.cpp server
     _banner(3, f"distillation in miniature: {P['train_steps']} LoRA steps of {base} on {P['train_records']} teacher trajectories")
     recs = [r for r in load_records(str(_repo_root()/'runs/cpu/teacher/agent.jsonl')) if r.get('correct')][:P['train_records']]
     from agent_distillation.core import write_jsonl
@@ -378,7 +400,8 @@ def table_settings(rows: list[str], sag_n: int, seed: int) -> dict:
                              cot_max_new_tokens=t.cot_max_new_tokens, step_prefix=t.step_prefix),
                 prompts_hash=all_prompts_hash(), seed=seed, sampling=dict(greedy=True, sag_n=sag_n, sag_temperature=0.4, sag_top_p=0.8),
                 retriever='BM25 over offline Wikipedia + the generated world, top-3', scoring='scoring.is_correct (EM rule for facts, math_equal)',
-                engine=f"transformers {'bf16' if cpu_supports_bf16() else 'float32'} (PrefixCacheLM, batched rollouts)",
+                engine={s: (e := resolve_engine(STUDENTS[s]['base'])) + (f" {'bf16' if cpu_supports_bf16() else 'float32'} (PrefixCacheLM, batched rollouts)"
+                            if e == 'transformers' else ' llama-server (base GGUF + LoRA GGUF, parallel slots)') for s in sizes},
                 machine=dict(cpu=_cpu_model(), cores=os.cpu_count(), torch=torch.__version__, python=platform.python_version()),
                 regenerate='agent-distill reproduce --profile cpu' + (f" --rows {','.join(rows)}" if rows else ''))
 

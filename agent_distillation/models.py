@@ -426,9 +426,10 @@ def free_port(host: str = '127.0.0.1') -> int:
         s.bind((host, 0)); return s.getsockname()[1]
 
 def llama_server_backend(binary: str | None = None) -> str | None:
-    "A `llama-server` binary (`binary`, else $LLAMA_SERVER, else on PATH), else 'python' if llama-cpp-python's server is installed, else None."
+    "A `llama-server` binary (`binary`, else $LLAMA_SERVER, on PATH, or beside this Python as `make llama-server` puts it), else 'python' if llama-cpp-python's server is installed, else None."
     import importlib.util
-    found = binary or os.environ.get('LLAMA_SERVER') or shutil.which('llama-server')
+    beside = Path(sys.executable).parent/'llama-server'
+    found = binary or os.environ.get('LLAMA_SERVER') or shutil.which('llama-server') or (str(beside) if beside.is_file() else None)
     if found:  # the binary has parallel slots: prefer it
         if not os.access(found, os.X_OK): raise FileNotFoundError(f'llama-server binary {found!r} is not an executable file')
         return str(Path(found).resolve())

@@ -274,20 +274,28 @@ def _run_batched(lm, examples, make_sandbox, batch_size, **agent_kw) -> list:
 # %% ../nbs/06a_rollouts.ipynb #16879ceb
 def bench_rollouts(model,               # a loaded causal LM (e.g. a merged student)
                    tokenizer,
-                   examples: list,      # questions (`Example`s); the same ones run both ways
+                   examples: list,      # questions (`Example`s); the same ones run every way
                    make_sandbox,        # () -> a new Sandbox with the tools
                    batch_size: int = 16,  # conversations in flight
                    max_batch: int = 32,   # most rows (conversations x samples) in one forward pass
+                   served=None,         # optional third engine: an `LM` for the same student behind a server (e.g. llama.cpp slots)
                    **agent_kw) -> dict:   # `CodeAgent` options (policy, student, max_steps, max_new_tokens, ...)
-    "Questions per hour one at a time vs batched with cached prefixes, tokens run per question, and matching trajectories."
+    """Questions per hour one at a time vs batched with cached prefixes (vs `served`, batched over its slots), tokens run
+    per question, and how many trajectories (and final answers) match the one-at-a-time run's."""
     slow, fast = TransformersLM(model, tokenizer, max_batch=max_batch), PrefixCacheLM(model, tokenizer, max_batch=max_batch)
     t0 = time.time(); one = _run_one_at_a_time(slow, examples, make_sandbox, **agent_kw); t_one = time.time() - t0
     t0 = time.time(); many = _run_batched(fast, examples, make_sandbox, batch_size, **agent_kw); t_many = time.time() - t0
     n, gen = len(examples), lambda ts: sum(t.completion_tokens for t in ts)
+    same = lambda ts: sum(repr(a.final_answer) == repr(b.final_answer) for a, b in zip(one, ts))
     res = dict(questions=n, one_qph=3600 * n / t_one, batched_qph=3600 * n / t_many, ratio=t_one / t_many,
                tokens_one=(slow.usage.prompt_tokens + gen(one)) / n, tokens_batched=(fast.fed_tokens + gen(many)) / n,
-               same_trajectories=sum(a.messages == b.messages for a, b in zip(one, many)))
-    print(f"{n} questions: one at a time {res['one_qph']:.0f}/h, batched {res['batched_qph']:.0f}/h ({res['ratio']:.2f}x); "
-          f"tokens run per question {res['tokens_one']:.0f} -> {res['tokens_batched']:.0f}; "
-          f"{res['same_trajectories']}/{n} trajectories identical")
+               same_trajectories=sum(a.messages == b.messages for a, b in zip(one, many)), same_answers=same(many))
+    msg = (f"{n} questions: one at a time {res['one_qph']:.0f}/h, batched {res['batched_qph']:.0f}/h ({res['ratio']:.2f}x); "
+           f"tokens run per question {res['tokens_one']:.0f} -> {res['tokens_batched']:.0f}; "
+           f"{res['same_trajectories']}/{n} trajectories and {res['same_answers']}/{n} final answers identical")
+    if served is not None:
+        t0 = time.time(); srv = _run_batched(served, examples, make_sandbox, batch_size, **agent_kw); t_srv = time.time() - t0
+        res |= dict(served_qph=3600 * n / t_srv, served_ratio=t_one / t_srv, served_same_answers=same(srv))
+        msg += f"; served {res['served_qph']:.0f}/h ({res['served_ratio']:.2f}x), {res['served_same_answers']}/{n} final answers identical"
+    print(msg)
     return res
