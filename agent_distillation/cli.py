@@ -463,6 +463,7 @@ def main(argv: list[str] | None = None):
     "Entry point of the `agent-distill` console script."
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     kw = {k: v for k, v in vars(args).items() if k not in ('command', 'pdb', 'xtra')}  # fastcore's generic flags
-    try: return COMMANDS[args.command](**kw)
+    try: out = COMMANDS[args.command](**kw)
     except (ValueError, FileNotFoundError, KeyError) as e:  # bad input: one line, no traceback
         print(f'agent-distill {args.command}: error: {e}', file=sys.stderr); sys.exit(2)
+    return out if argv is not None else None  # the console script exits 0 (a returned table would be an exit status)
