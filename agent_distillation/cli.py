@@ -253,11 +253,21 @@ def make_method(name: str, base: str, adapter: str, cot_adapter: str, corpus: st
     lm = lambda a: lms[(base, a)] if (base, a) in lms else lms.setdefault((base, a), load_lm(base, a, engine))  # each loads once
     if name.startswith('cot'):
         a = 'none' if name == 'cot_prompting' else cot_adapter
-        return CoTMethod(lm(a), make_retriever(corpus, seed) if name.endswith('rag') else None, name=name, max_new_tokens=cot_max_new_tokens)
-    tool = make_retrieve_tool(make_retriever(corpus, seed))
-    a = 'none' if name == 'agent_prompting' else ftp_adapter if 'ftp' in name else adapter
-    return AgentMethod(lm(a), lambda: Sandbox(tools=[tool]), student=name != 'agent_prompting', sag=name.endswith('sag'),
-                       n=sag_n, name=name, max_steps=max_steps, max_new_tokens=max_new_tokens)
+        m = CoTMethod(lm(a), make_retriever(corpus, seed) if name.endswith('rag') else None, name=name, max_new_tokens=cot_max_new_tokens)
+    else:
+        tool = make_retrieve_tool(make_retriever(corpus, seed))
+        a = 'none' if name == 'agent_prompting' else ftp_adapter if 'ftp' in name else adapter
+        m = AgentMethod(lm(a), lambda: Sandbox(tools=[tool]), student=name != 'agent_prompting', sag=name.endswith('sag'),
+                        n=sag_n, name=name, max_steps=max_steps, max_new_tokens=max_new_tokens)
+    if _lms is None:  # the method owns its model: closing it also stops a llama.cpp server it started
+        close = m.close
+        def _close():
+            try: close()
+            finally:
+                for x in lms.values():
+                    if hasattr(x, 'server'): x.close()
+        m.close = _close
+    return m
 
 # %% ../nbs/12_cli.ipynb #8278614c
 def evaluate(methods: str = 'agent_distill,cot_distill',  # comma-separated `METHODS`
