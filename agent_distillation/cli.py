@@ -67,7 +67,6 @@ def load_lm(base: str,                    # registry name, local folder or hub i
     "The student as a model: `PrefixCacheLM` with the adapter merged, or an `OpenAILM` on llama-server; unknown models fail before anything loads."
     from agent_distillation.rollouts import PrefixCacheLM
     from agent_distillation.registry import load_tokenizer, OFFLINE_MODELS
-    if engine not in ENGINES: raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     path = resolve_adapter(adapter)
     if base not in OFFLINE_MODELS and base != 'tiny-random' and not Path(base).is_dir() and '/' not in base:
         raise ValueError(f"Unknown model {base!r}: use a registry name ({', '.join(OFFLINE_MODELS)}), a local folder or a hub id (org/name)")
@@ -87,6 +86,11 @@ def _served_lm(base: str, path, parallel: int):
         finally: srv.stop()
     lm.close, lm.server = _close, srv
     return lm
+
+def _stop_served(*lms):
+    "Stop the llama.cpp servers behind any of `lms` (models on the in-process engine need nothing)."
+    for lm in lms:
+        if hasattr(lm, 'server'): lm.close()
 
 # %% ../nbs/12_cli.ipynb #b5974971
 def make_retriever(corpus: str = 'world',  # 'world', 'wikipedia', a JSONL corpus file, or a http(s):// Search-R1 server
@@ -141,8 +145,7 @@ def ask(question: str,                             # the question
             agent = CodeAgent(lm, sb, student=resolve_adapter(adapter) is not None, policy=policy, max_steps=max_steps,
                               max_new_tokens=max_new_tokens)
             t = agent.run(question, domain)
-    finally:
-        if hasattr(lm, 'server'): lm.close()  # stop the llama.cpp server
+    finally: _stop_served(lm)
     print(format_trajectory(t))
     return t
 
@@ -263,9 +266,7 @@ def make_method(name: str, base: str, adapter: str, cot_adapter: str, corpus: st
         close = m.close
         def _close():
             try: close()
-            finally:
-                for x in lms.values():
-                    if hasattr(x, 'server'): x.close()
+            finally: _stop_served(*lms.values())
         m.close = _close
     return m
 
@@ -296,8 +297,7 @@ def evaluate(methods: str = 'agent_distill,cot_distill',  # comma-separated `MET
     for name in names:
         with make_method(name, base, adapter, cot_adapter, corpus, sag_n, max_steps, max_new_tokens, cot_max_new_tokens, seed, lms, engine=engine) as m:
             frames.append(run_eval(m, exs, out=out))
-    for lm in lms.values():
-        if hasattr(lm, 'server'): lm.close()  # stop llama.cpp servers
+    _stop_served(*lms.values())
     t = results_table(*frames)
     print(markdown_table(t))
     if plot:
@@ -341,8 +341,7 @@ def reproduce(profile: str = 'quick',                  # 'quick': every stage on
     _banner(2, f'the agent-distilled student ({base} + {adapter}) answers world-test questions')
     lm = load_lm(base, adapter)
     try: _show_student(lm, make_retrieve_tool(retriever), load_examples('world', P['ask'], seed + 1), 5, 384)
-    finally:
-        if hasattr(lm, 'server'): lm.close()  # stop the llama.cpp server
+    finally: _stop_served(lm)
     _banner(3, f"distillation in miniature: {P['train_steps']} LoRA steps of {base} on {P['train_records']} teacher trajectories")
     recs = [r for r in load_records(str(_repo_root()/'runs/cpu/teacher/agent.jsonl')) if r.get('correct')][:P['train_records']]
     from agent_distillation.core import write_jsonl
