@@ -4,7 +4,8 @@
 
 # %% ../nbs/06a_rollouts.ipynb #bd617252
 from __future__ import annotations
-import time
+import threading, time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fastcore.basics import patch
 from .prompts import STOP_SEQUENCES
@@ -271,6 +272,20 @@ def _run_batched(lm, examples, make_sandbox, batch_size, **agent_kw) -> list:
     by = {(t.id, t.question): t for t in got}
     return [by[(e.id, e.question)] for e in examples]
 
+def _run_async(lm, examples, make_sandbox, workers, **agent_kw) -> list:
+    "Trajectories of `examples`, `workers` threads each running `CodeAgent.run` in its own sandbox (no lockstep), in order."
+    local, sbs, lock = threading.local(), [], threading.Lock()
+    def run(e):
+        if not hasattr(local, 'agent'):
+            sb = make_sandbox()
+            with lock: sbs.append(sb)
+            local.agent = CodeAgent(lm, sb, **agent_kw)
+        return local.agent.run(e.question, e.domain, id=e.id, gold=e.answer)
+    try:
+        with ThreadPoolExecutor(max(1, min(workers, len(examples)))) as pool: return list(pool.map(run, examples))
+    finally:
+        for sb in sbs: sb.close()
+
 # %% ../nbs/06a_rollouts.ipynb #16879ceb
 def bench_rollouts(model,               # a loaded causal LM (e.g. a merged student)
                    tokenizer,
@@ -278,10 +293,12 @@ def bench_rollouts(model,               # a loaded causal LM (e.g. a merged stud
                    make_sandbox,        # () -> a new Sandbox with the tools
                    batch_size: int = 16,  # conversations in flight
                    max_batch: int = 32,   # most rows (conversations x samples) in one forward pass
-                   served=None,         # optional third engine: an `LM` for the same student behind a server (e.g. llama.cpp slots)
+                   serve=None,          # optional: () -> a fresh `LM` for the same student behind a server (e.g. llama.cpp
+                                        # slots), called once per served run; the caller closes what it returns
                    **agent_kw) -> dict:   # `CodeAgent` options (policy, student, max_steps, max_new_tokens, ...)
-    """Questions per hour one at a time vs batched with cached prefixes (vs `served`, batched over its slots), tokens run
-    per question, and how many trajectories (and final answers) match the one-at-a-time run's."""
+    """Questions per hour one at a time vs batched with cached prefixes (vs served in lockstep and asynchronously, keys
+    `served_*` and `served_async_*`), their ratios to one at a time, tokens run per question, and how many trajectories
+    (and final answers) match the one-at-a-time run's."""
     slow, fast = TransformersLM(model, tokenizer, max_batch=max_batch), PrefixCacheLM(model, tokenizer, max_batch=max_batch)
     t0 = time.time(); one = _run_one_at_a_time(slow, examples, make_sandbox, **agent_kw); t_one = time.time() - t0
     t0 = time.time(); many = _run_batched(fast, examples, make_sandbox, batch_size, **agent_kw); t_many = time.time() - t0
@@ -293,9 +310,12 @@ def bench_rollouts(model,               # a loaded causal LM (e.g. a merged stud
     msg = (f"{n} questions: one at a time {res['one_qph']:.0f}/h, batched {res['batched_qph']:.0f}/h ({res['ratio']:.2f}x); "
            f"tokens run per question {res['tokens_one']:.0f} -> {res['tokens_batched']:.0f}; "
            f"{res['same_trajectories']}/{n} trajectories and {res['same_answers']}/{n} final answers identical")
-    if served is not None:
-        t0 = time.time(); srv = _run_batched(served, examples, make_sandbox, batch_size, **agent_kw); t_srv = time.time() - t0
-        res |= dict(served_qph=3600 * n / t_srv, served_ratio=t_one / t_srv, served_same_answers=same(srv))
-        msg += f"; served {res['served_qph']:.0f}/h ({res['served_ratio']:.2f}x), {res['served_same_answers']}/{n} final answers identical"
+    runs = dict(served=_run_batched, served_async=_run_async) if serve is not None else {}
+    for key, run in runs.items():
+        lm = serve()
+        t0 = time.time(); ts = run(lm, examples, make_sandbox, batch_size, **agent_kw); t = time.time() - t0
+        res |= {f'{key}_qph': 3600 * n / t, f'{key}_ratio': t_one / t, f'{key}_same_answers': same(ts)}
+        msg += (f"; {key.replace('_', ' ')} {res[f'{key}_qph']:.0f}/h ({res[f'{key}_ratio']:.2f}x), "
+                f"{res[f'{key}_same_answers']}/{n} final answers identical")
     print(msg)
     return res

@@ -41,15 +41,20 @@ bench['settings'] = dict(questions={name: len(q) for name, *_, q in ROWS}, sourc
                          threads=torch.get_num_threads(), dtype='bfloat16' if cpu_supports_bf16() else 'float32',
                          llama_cpp_slots=16, **{k: v for k, v in KW.items()},
                          regenerate='python runs/cpu/bench/bench_rollouts.py ' + ' '.join(sys.argv[1:]))
+only = os.environ.get('ROWS')
 for name, size, policy, questions in ROWS:
-    if name in bench['results']: print(name, 'done'); continue
+    if name in bench['results'] or (only and name not in only.split(',')): print(name, 'skipped (done or not asked)'); continue
     s, t0 = STUDENTS[size], time.time()
     model, tok = load_student(s['base'], s['agent']), load_tokenizer(s['base'])
-    served = load_lm(s['base'], s['agent'], engine='llama.cpp', parallel=KW['batch_size'])
+    servers = []
+    def serve():
+        servers.append(load_lm(s['base'], s['agent'], engine='llama.cpp', parallel=KW['batch_size']))
+        return servers[-1]
     try:
-        r = bench_rollouts(model, tok, questions, make_sandbox, served=served, policy=policy, **KW)
-        server_peak = _peak_gb(served.server.proc.pid)
-    finally: served.close()
+        r = bench_rollouts(model, tok, questions, make_sandbox, serve=serve, policy=policy, **KW)
+        server_peak = max(_peak_gb(lm.server.proc.pid) for lm in servers)
+    finally:
+        for lm in servers: lm.close()
     bench['results'][name] = r | dict(student=s['agent'], policy=repr(policy), wall_s=round(time.time() - t0, 1),
                                       peak_rss_gb_this_process=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                                       peak_rss_gb_server=server_peak, date=datetime.datetime.now().isoformat(timespec='seconds'))
