@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_evaluate.ipynb #ae1d8ccc
 from __future__ import annotations
-import math, threading, time
+import math, queue, threading, time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 import pandas as pd
@@ -14,6 +14,7 @@ from .prompts import cot_messages, first_thought_prefix
 from .retriever import format_hits
 from .scoring import extract_answer, score
 from .agent import CodeAgent
+from .models import OpenAILM
 from .rollouts import Task, rollouts
 from .voting import SelfConsistentAction
 
@@ -99,11 +100,14 @@ class AgentMethod(Method):
                  max_new_tokens: int = 512,        # per step (paper: 1024)
                  ftp_max_new_tokens: int = 512,    # for the prefix's CoT
                  keep_trajectory: bool = True,     # put the whole trajectory into each record
-                 batch_size: int = 16,             # conversations in lockstep (1: one `CodeAgent.run` at a time)
+                 batch_size: int = 16,             # conversations in flight (1: one `CodeAgent.run` at a time)
+                 asynchronous: bool | None = None, # each conversation in its own thread, no lockstep (None: for a served
+                                                   # model, an `OpenAILM`, whose server batches the requests in flight)
                  sag_temperature: float = 0.4,     # SAG sampling (paper: 0.4, top-p 0.8)
                  sag_top_p: float = 0.8,
                  **agent_kw):                      # more `CodeAgent` options (policy, temperature, step_prefix, ...)
         self.lm, self.make_sandbox, self.ftp, self.ftp_lm, self.batch_size = lm, make_sandbox, ftp, ftp_lm, batch_size
+        self.asynchronous = isinstance(lm, OpenAILM) if asynchronous is None else asynchronous
         self.ftp_max_new_tokens, self.keep_trajectory = ftp_max_new_tokens, keep_trajectory
         if sag: agent_kw.setdefault('policy', SelfConsistentAction(n, sag_temperature, sag_top_p))
         self.agent_kw = dict(student=student, max_steps=max_steps, max_new_tokens=max_new_tokens, **agent_kw)
@@ -167,9 +171,29 @@ def _tasks(self: AgentMethod, examples: list, waiting: dict):
             yield Task(e.question, e.domain, p, e.id, e.answer)
 
 @patch
+def _answers_async(self: AgentMethod, examples: list):
+    "Agent answers, `batch_size` conversations at once, each in its own thread and sandbox; (example, answer, seconds) as each finishes."
+    slots = self._slots(len(examples))
+    free = queue.SimpleQueue()
+    for sb in slots: free.put(sb)
+    def one(e):
+        sb, t0 = free.get(), time.time()
+        try:
+            prefix, ptoks, ctoks, _ = self._prefixes([e])[0]
+            t = CodeAgent(self.lm, sb, **self.agent_kw).run(e.question, e.domain, prefix=prefix, id=e.id, gold=e.answer)
+            return e, self._answer_of(t, ptoks, ctoks), time.time() - t0
+        finally: free.put(sb)
+    pool = ThreadPoolExecutor(len(slots))
+    try:
+        for f in as_completed([pool.submit(one, e) for e in examples]): yield f.result()
+    finally: pool.shutdown(wait=True, cancel_futures=True)
+
+@patch
 def answers(self: AgentMethod, examples: list):
-    "Agent answers, `batch_size` conversations in lockstep (`rollouts`); (example, answer, seconds) as each finishes."
+    """Agent answers, `batch_size` conversations at once: in lockstep (`rollouts`, one batched model call per step), or
+    with `asynchronous` each in its own thread; (example, answer, seconds) as each finishes."""
     if self.batch_size <= 1: yield from Method.answers(self, examples); return
+    if self.asynchronous: yield from self._answers_async(list(examples)); return
     waiting = {}
     for t in rollouts(self.lm, self._tasks(list(examples), waiting), self._slots(len(examples)), **self.agent_kw):
         e, pt, ct, secs = waiting[(str(t.id), t.question, t.domain)].pop(0)
