@@ -5,15 +5,17 @@
 # %% ../nbs/12_cli.ipynb #5fc3d7f1
 from __future__ import annotations
 import argparse, sys, time
+from dataclasses import dataclass
 from pathlib import Path
 from fastcore.script import anno_parser
 from .core import seed_everything, read_jsonl, load_json
 
 # %% auto #0
-__all__ = ['STUDENTS', 'DEFAULT_STUDENT', 'FAST_STUDENT', 'ENGINES', 'METHODS', 'PROFILES', 'COMMANDS', 'resolve_adapter',
-           'resolve_engine', 'load_lm', 'make_retriever', 'format_trajectory', 'ask', 'load_records', 'export', 'train',
-           'load_examples', 'make_method', 'evaluate', 'reproduce', 'teacher_method', 'table_factories',
-           'table_settings', 'reproduce_table', 'serve_retriever', 'teacher', 'build_parser', 'main']
+__all__ = ['STUDENTS', 'DEFAULT_STUDENT', 'FAST_STUDENT', 'ENGINES', 'METHODS', 'PROFILES', 'PAPER_STAGES', 'COMMANDS',
+           'resolve_adapter', 'resolve_engine', 'load_lm', 'make_retriever', 'format_trajectory', 'ask', 'load_records',
+           'export', 'train', 'load_examples', 'make_method', 'evaluate', 'reproduce', 'teacher_method',
+           'table_factories', 'table_settings', 'reproduce_table', 'PaperScale', 'lora_module_names',
+           'vllm_serve_command', 'reproduce_paper', 'serve_retriever', 'teacher', 'build_parser', 'main']
 
 # %% ../nbs/12_cli.ipynb #f8272024
 STUDENTS = {  # size -> its students: base model and LoRA run folders (agent-distilled, CoT-distilled twin, FTP-distilled or None)
@@ -306,7 +308,8 @@ def evaluate(methods: str = 'agent_distill,cot_distill',  # comma-separated `MET
 
 # %% ../nbs/12_cli.ipynb #80e582ed
 PROFILES = {'quick': dict(n=12, sag_n=4, ask=2, train_steps=4, train_records=16, out='runs/quick'),
-            'cpu': dict(sag_n=8, out='runs/cpu')}
+            'cpu': dict(sag_n=8, out='runs/cpu'),
+            'paper': dict(out='runs/paper')}
 
 def _banner(i: int, text: str): print(f"\n{'=' * 100}\n{i}. {text}\n{'=' * 100}", flush=True)
 
@@ -328,12 +331,24 @@ def reproduce(profile: str = 'quick',                  # 'quick': every stage on
               cot_adapter: str = DEFAULT_STUDENT['cot'],  # its CoT-distilled twin
               out: str = None,                         # output folder (default: the profile's)
               rows: str = None,                        # cpu profile: comma-separated table rows (default: all of `table_rows()`)
-              seed: int = 0):
+              seed: int = 0,
+              teacher_url: str = None,                 # paper profile: the teacher's OpenAI-compatible server (e.g. vLLM), also the judge
+              student_url: str = None,                 # paper profile: a server of the student base(s) with their LoRA modules
+              retriever_url: str = None,               # paper profile: a Search-R1 /retrieve server (default: BM25 over `corpus`)
+              corpus: str = 'wikipedia',               # paper profile, without --retriever_url: what BM25 searches (see `make_retriever`)
+              stages: str = 'teacher,train,evaluate',  # paper profile: which stages to run (each resumable)
+              teacher_model: str = 'Qwen/Qwen2.5-32B-Instruct',  # paper profile: the teacher's model name on its server
+              students: str = 'Qwen/Qwen2.5-0.5B-Instruct,Qwen/Qwen2.5-1.5B-Instruct,Qwen/Qwen2.5-3B-Instruct,Qwen/Qwen2.5-7B-Instruct',
+              n_test: int = None):                     # paper profile: questions per test benchmark (default: all)
     "Run the pipeline end to end at one scale and print what each stage produced."
     from agent_distillation.retriever import make_retrieve_tool
     if profile not in PROFILES: raise ValueError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
     P, t0 = PROFILES[profile], time.time()
     if profile == 'cpu': return reproduce_table(rows, out or P['out'], P['sag_n'], seed)
+    if profile == 'paper':
+        cfg = PaperScale(teacher=teacher_model, students=tuple(s.strip() for s in students.split(',') if s.strip()), n_test=n_test,
+                         out=out or P['out'])
+        return reproduce_paper(cfg, teacher_url, student_url, retriever_url, stages, corpus, seed)
     out = Path(out or P['out']); out.mkdir(parents=True, exist_ok=True)
     _banner(1, 'the retriever: BM25 over the offline Wikipedia + the generated world')
     retriever = make_retriever('world', seed)
@@ -425,6 +440,101 @@ def reproduce_table(rows: str | None = None, out: str = 'runs/cpu', sag_n: int =
     print(check_claims(t).to_string(index=False))
     return t
 
+# %% ../nbs/12_cli.ipynb #f9b7145c
+@dataclass
+class PaperScale:
+    "The paper's recipe (section 5 and appendix): models, question counts and hyperparameters of the `paper` profile."
+    teacher: str = 'Qwen/Qwen2.5-32B-Instruct'   # on an OpenAI-compatible server (vLLM); also the LLM judge
+    students: tuple = ('Qwen/Qwen2.5-0.5B-Instruct', 'Qwen/Qwen2.5-1.5B-Instruct', 'Qwen/Qwen2.5-3B-Instruct', 'Qwen/Qwen2.5-7B-Instruct')
+    n_hotpotqa: int = 1000                       # training questions (paper: 1,000 HotpotQA)
+    n_math: int = 2000                           # (paper: 2,000 MATH; the data directory's MATH train file holds 1,000: all of it)
+    n_test: int | None = None                    # questions per test benchmark (None: all)
+    max_steps: int = 5                           # agent steps
+    max_new_tokens: int = 1024                   # per agent step and per CoT answer
+    lora_r: int = 64
+    lora_alpha: int = 128
+    lr: float = 2e-4
+    epochs: float = 2
+    batch_size: int = 8                          # sequences per optimizer step
+    max_train_steps: int = -1                    # stop each training run after this many steps (-1: whole epochs)
+    sag_n: int = 8                               # SAG candidates per step
+    sag_temperature: float = 0.4
+    sag_top_p: float = 0.8
+    concurrency: int = 64                        # conversations in flight against a server
+    out: str = 'runs/paper'
+
+PAPER_STAGES = ('teacher', 'train', 'evaluate')
+_KINDS = (('agent', 'agent.jsonl', 'agent'), ('agent', 'agent_ftp.jsonl', 'agent-ftp'), ('cot', 'cot.jsonl', 'cot'))
+
+def lora_module_names(student: str) -> dict:
+    "The served names of a student's three adapters: 'agent', 'agent-ftp', 'cot' -> '<base>-<kind>' (also their run folders)."
+    short = student.rstrip('/').split('/')[-1].lower()
+    return {mod: f'{short}-{mod}' for _, _, mod in _KINDS}
+
+def vllm_serve_command(cfg: PaperScale, student: str, port: int = 8001) -> str:
+    "The vLLM command that serves `student` with its three trained adapters as LoRA modules."
+    mods = ' '.join(f'{n}={cfg.out}/students/{n}' for n in lora_module_names(student).values())
+    return f'vllm serve {student} --enable-lora --max-lora-rank {cfg.lora_r} --lora-modules {mods} --port {port}'
+
+# %% ../nbs/12_cli.ipynb #8bd85f04
+def reproduce_paper(cfg: PaperScale,
+                    teacher_url: str,                 # the teacher's OpenAI-compatible server (and the judge's)
+                    student_url: str | None = None,   # a server of the students' base with their LoRA modules (evaluate stage)
+                    retriever_url: str | None = None, # a Search-R1 /retrieve server (default: BM25 over `corpus`)
+                    stages: str = 'teacher,train,evaluate',
+                    corpus: str = 'wikipedia', seed: int = 0) -> dict:
+    """The paper profile: teacher trajectories and CoT answers, LoRA students (agent, agent+FTP, CoT twin), the paper's
+    student rows on the eight test benchmarks; {student: results table}. Raises `ValueError` for a missing URL or an
+    unknown stage; a server that does not answer fails with `models.ServerError` after bounded retries."""
+    from agent_distillation.data import BENCHMARKS, load_benchmark
+    from agent_distillation.evaluate import evaluate as run_eval, paper_methods, results_table, markdown_table
+    from agent_distillation.models import OpenAILM
+    from agent_distillation.retriever import RemoteRetriever, make_retrieve_tool
+    from agent_distillation.sandbox import Sandbox
+    from agent_distillation.teacher import generate_all
+    todo = [s.strip() for s in stages.split(',') if s.strip()]
+    if bad := [s for s in todo if s not in PAPER_STAGES]: raise ValueError(f"unknown stage {bad[0]!r}; choose from {', '.join(PAPER_STAGES)}")
+    if not teacher_url: raise ValueError('the paper profile needs --teacher_url: the OpenAI-compatible server of the teacher '
+                                         '(e.g. `vllm serve Qwen/Qwen2.5-32B-Instruct`), which also judges factual answers')
+    if 'evaluate' in todo and not student_url:
+        raise ValueError('the evaluate stage needs --student_url: a server of the student base with its LoRA modules, e.g. '
+                         + vllm_serve_command(cfg, cfg.students[0]))
+    out, t0 = Path(cfg.out), time.time()
+    retriever = RemoteRetriever(retriever_url) if retriever_url else make_retriever(corpus, seed)
+    tool = make_retrieve_tool(retriever, k=3)
+    make_sandbox = lambda: Sandbox(tools=[tool])
+    teacher = OpenAILM(teacher_url, cfg.teacher, tokenizer=cfg.teacher, max_concurrency=cfg.concurrency)
+    tables = {}
+    if 'teacher' in todo:
+        qs = (load_benchmark('hotpotqa', 'train', limit=cfg.n_hotpotqa, seed=seed) + load_benchmark('math', 'train', limit=cfg.n_math, seed=seed))
+        _banner(1, f'teacher {cfg.teacher}: CoT answers and agent trajectories (without and with FTP) on {len(qs)} training questions')
+        generate_all(qs, teacher, make_sandbox, out/'teacher', workers=cfg.concurrency, cot_max_new_tokens=cfg.max_new_tokens,
+                     modes=('cot', 'agent', 'agent_ftp'), max_steps=cfg.max_steps, max_new_tokens=cfg.max_new_tokens, step_prefix='Thought:')
+    if 'train' in todo:
+        for student in cfg.students:
+            for (kind, data, mod), name in zip(_KINDS, lora_module_names(student).values()):
+                _banner(2, f'distillation: {student} on {data} ({kind}) -> {out}/students/{name}')
+                train(str(out/'teacher'/data), str(out/'students'/name), kind, base=student, epochs=cfg.epochs, lr=cfg.lr,
+                      batch_size=cfg.batch_size, max_steps=cfg.max_train_steps, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, seed=seed)
+    if 'evaluate' in todo:
+        tests = [e for (name, split) in BENCHMARKS if split == 'test' for e in load_benchmark(name, split, limit=cfg.n_test, seed=seed)]
+        for student in cfg.students:
+            _banner(3, f"evaluation: {student}'s rows on {len(tests)} test questions (served at {student_url})")
+            lm = lambda model: OpenAILM(student_url, model, tokenizer=student, max_concurrency=cfg.concurrency)
+            names = lora_module_names(student)
+            methods = paper_methods(lm(student), make_sandbox, retriever, cot_student=lm(names['cot']), agent_student=lm(names['agent']),
+                                    ftp_student=lm(names['agent-ftp']), n=cfg.sag_n, cot_kw=dict(max_new_tokens=cfg.max_new_tokens),
+                                    max_steps=cfg.max_steps, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.concurrency,
+                                    sag_temperature=cfg.sag_temperature, sag_top_p=cfg.sag_top_p)
+            frames = []
+            for m in methods:
+                try: frames.append(run_eval(m, tests, out=out/'eval'/f"{names['agent'].removesuffix('-agent')}.jsonl", judge=teacher))
+                finally: m.close()
+            tables[student] = results_table(*frames)
+            print(markdown_table(tables[student]), flush=True)
+    print(f'paper profile: {", ".join(todo)} done in {(time.time() - t0) / 60:.1f} min; results under {out}')
+    return tables
+
 # %% ../nbs/12_cli.ipynb #5e58e931
 def serve_retriever(corpus: str = 'world',   # 'world', 'wikipedia' or a JSONL corpus file (see `make_retriever`)
                     host: str = '127.0.0.1', # '0.0.0.0' to accept other machines
@@ -476,3 +586,5 @@ def main(argv: list[str] | None = None):
     except (ValueError, FileNotFoundError, KeyError) as e:  # bad input: one line, no traceback
         print(f'agent-distill {args.command}: error: {e}', file=sys.stderr); sys.exit(2)
     return out if argv is not None else None  # the console script exits 0 (a returned table would be an exit status)
+
+if __name__ == '__main__' and '__file__' in globals(): main()  # `python -m agent_distillation.cli` (e.g. under accelerate launch)
