@@ -170,6 +170,36 @@ def test_batched_agent_resume_after_kill(tmp_path):
     assert asked == {e.id for e in FACTS} - set(first)                             # finished ones were not asked again
     assert list(df.id) == [e.id for e in FACTS] and df.acc.tolist() == [1.0] * 6
 
+def test_async_agent_records_equal_one_at_a_time():
+    "Asynchronous conversations (the path for a served model): the same records as one at a time, in the given order."
+    with Sandbox(tools={'retrieve': retrieve}) as s1, Sandbox(tools={'retrieve': retrieve}) as s2, Sandbox(tools={'retrieve': retrieve}) as s3:
+        pool = iter([s2, s3])
+        one = evaluate(AgentMethod(ScriptedLM(agent_reply), lambda: s1, batch_size=1), FACTS, progress=False)
+        m = AgentMethod(ScriptedLM(agent_reply), lambda: next(pool), batch_size=2, asynchronous=True)
+        many = evaluate(m, FACTS, progress=False)
+    assert _no_time(one) == _no_time(many) and many.acc.tolist() == [1.0] * 6
+    assert m.lm.usage.calls == len(m.lm.requests) == 13                            # one conversation per call, no lockstep
+
+def test_async_agent_resume_after_kill(tmp_path):
+    out = tmp_path/'r.jsonl'
+    sbs = [Sandbox(tools={'retrieve': retrieve}) for _ in range(2)]
+    try:
+        pool = iter(sbs)
+        dead = ScriptedLM(lambda m, p, i: agent_reply(m, p, i) if i < 7 else (_ for _ in ()).throw(KeyboardInterrupt('killed')))
+        m = AgentMethod(dead, lambda: next(pool), batch_size=2, name='agent', asynchronous=True)
+        with pytest.raises(KeyboardInterrupt): evaluate(m, FACTS, out=out, progress=False)
+        first = [r['id'] for r in read_jsonl(out)]
+        assert 0 < len(first) < 6
+        m.lm = lm = ScriptedLM(agent_reply)
+        df = evaluate(m, FACTS, out=out, progress=False)
+    finally:
+        for sb in sbs: sb.close()
+    recs = read_jsonl(out)
+    assert sorted(r['id'] for r in recs) == [e.id for e in FACTS]                  # nothing lost, nothing twice
+    asked = {e.id for e in FACTS for r in lm.requests if e.question in r['messages'][1]['content']}
+    assert asked == {e.id for e in FACTS} - set(first)                             # finished ones were not asked again
+    assert list(df.id) == [e.id for e in FACTS] and df.acc.tolist() == [1.0] * 6
+
 def test_cot_batches_questions_and_keeps_records():
     one, many = cot_lm(lambda id: id != 'f2'), cot_lm(lambda id: id != 'f2')
     a = evaluate(CoTMethod(one, name='cot', batch_size=1), FACTS + MATHS, progress=False)
