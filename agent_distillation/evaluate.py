@@ -170,23 +170,49 @@ def _tasks(self: AgentMethod, examples: list, waiting: dict):
             waiting.setdefault((str(e.id), e.question, e.domain), []).append((e, pt, ct, secs))
             yield Task(e.question, e.domain, p, e.id, e.answer)
 
+class _StopAware:
+    "Forwards to an LM, refusing new calls once `stop` is set: the threads of an abandoned run end at their next model call."
+    def __init__(self, lm, stop: threading.Event): self.lm, self.stop = lm, stop
+    def __getattr__(self, name): return getattr(self.lm, name)
+    def generate(self, *args, **kw):
+        if self.stop.is_set(): raise RuntimeError('the evaluation was stopped')
+        return self.lm.generate(*args, **kw)
+
 @patch
 def _answers_async(self: AgentMethod, examples: list):
-    "Agent answers, `batch_size` conversations at once, each in its own thread and sandbox; (example, answer, seconds) as each finishes."
-    slots = self._slots(len(examples))
-    free = queue.SimpleQueue()
+    """Agent answers, `batch_size` conversations at once, each in its own thread and sandbox; (example, answer, seconds)
+    as each finishes. A question's seconds are its share of the run: every moment is split evenly between the
+    conversations in flight. On an error or an interrupt the answers already finished are yielded first, the other
+    threads stop at their next model call, and the error is raised."""
+    slots, stop, lock = self._slots(len(examples)), threading.Event(), threading.Lock()
+    free, lm, clock, share = queue.SimpleQueue(), _StopAware(self.lm, stop), [time.time()], {}
     for sb in slots: free.put(sb)
-    def one(e):
-        sb, t0 = free.get(), time.time()
+    def tick():                          # under `lock`: split the time since the last event between those in flight
+        now = time.time()
+        for k in share: share[k] += (now - clock[0]) / len(share)
+        clock[0] = now
+    def one(i, e):
+        sb = free.get()
+        with lock: tick(); share[i] = 0.0
         try:
             prefix, ptoks, ctoks, _ = self._prefixes([e])[0]
-            t = CodeAgent(self.lm, sb, **self.agent_kw).run(e.question, e.domain, prefix=prefix, id=e.id, gold=e.answer)
-            return e, self._answer_of(t, ptoks, ctoks), time.time() - t0
-        finally: free.put(sb)
-    pool = ThreadPoolExecutor(len(slots))
+            t = CodeAgent(lm, sb, **self.agent_kw).run(e.question, e.domain, prefix=prefix, id=e.id, gold=e.answer)
+        finally:
+            with lock: tick(); secs = share.pop(i)
+            free.put(sb)
+        return e, self._answer_of(t, ptoks, ctoks), secs
+    pool, done = ThreadPoolExecutor(len(slots)), set()
+    futs = {pool.submit(one, i, e): i for i, e in enumerate(examples)}
     try:
-        for f in as_completed([pool.submit(one, e) for e in examples]): yield f.result()
-    finally: pool.shutdown(wait=True, cancel_futures=True)
+        for f in as_completed(futs):
+            if f.exception() is not None:
+                for g in futs:           # keep what had already finished, then fail
+                    if g is not f and g not in done and g.done() and not g.cancelled() and g.exception() is None:
+                        done.add(g); yield g.result()
+                raise f.exception()
+            done.add(f); yield f.result()
+    finally:
+        stop.set(); pool.shutdown(wait=True, cancel_futures=True)
 
 @patch
 def answers(self: AgentMethod, examples: list):

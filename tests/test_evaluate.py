@@ -200,6 +200,33 @@ def test_async_agent_resume_after_kill(tmp_path):
     assert asked == {e.id for e in FACTS} - set(first)                             # finished ones were not asked again
     assert list(df.id) == [e.id for e in FACTS] and df.acc.tolist() == [1.0] * 6
 
+def test_async_wall_time_is_each_questions_share(tmp_path):
+    "Records' seconds add up to the run's time (each moment split between the conversations in flight), not batch_size times it."
+    import time as _t
+    slow = lambda m, p, i: (_t.sleep(0.05), agent_reply(m, p, i))[1]
+    with Sandbox(tools={'retrieve': retrieve}) as s1, Sandbox(tools={'retrieve': retrieve}) as s2, Sandbox(tools={'retrieve': retrieve}) as s3:
+        pool = iter([s1, s2, s3])
+        t0 = _t.time()
+        df = evaluate(AgentMethod(ScriptedLM(slow), lambda: next(pool), batch_size=3, asynchronous=True), FACTS, progress=False)
+        took = _t.time() - t0
+    assert 0.5 * took < df.wall_s.sum() <= took + 0.01
+
+def test_async_error_keeps_finished_answers_and_stops_threads(tmp_path):
+    "A conversation that fails: the answers finished before are kept, the error is raised, no thread is left running."
+    import threading as _th, time as _t
+    out = tmp_path/'r.jsonl'
+    def reply(m, p, i):
+        if FACTS[4].question in m[1]['content']: _t.sleep(0.3); raise ValueError('server said no')
+        return agent_reply(m, p, i)
+    with Sandbox(tools={'retrieve': retrieve}) as s1, Sandbox(tools={'retrieve': retrieve}) as s2:
+        pool, before = iter([s1, s2]), _th.active_count()
+        with pytest.raises(ValueError, match='server said no'):
+            evaluate(AgentMethod(ScriptedLM(reply), lambda: next(pool), batch_size=2, asynchronous=True), FACTS, out=out, progress=False)
+        after = _th.active_count()
+    got = {r['id'] for r in read_jsonl(out)}
+    assert {'f0', 'f1', 'f2', 'f3'} <= got and 'f4' not in got                    # finished before the failure: kept
+    assert after == before                                                         # every worker thread ended
+
 def test_cot_batches_questions_and_keeps_records():
     one, many = cot_lm(lambda id: id != 'f2'), cot_lm(lambda id: id != 'f2')
     a = evaluate(CoTMethod(one, name='cot', batch_size=1), FACTS + MATHS, progress=False)
