@@ -77,8 +77,10 @@ TEACHER_OUT := runs/cpu/teacher
 STUDENTS_OUT := runs/cpu/students
 # LoRA r=16, alpha=32 (paper: 64/128) on every linear layer: a few hundred trajectories do not need more, and the bf16
 # adapter of a 135M student stays under 10 MB; the 0.5B default student's adapters (17.6 MB each) are committed too.
-# Gradient checkpointing brought the 0.5B student's peak resident memory from 19.6 GB to 10.6-13.5 GB (about 30 % more
-# compute; measured with the malloc settings below, which keep freed blocks in the heap, so RSS stays at its high-water mark).
+# Training memory of the 0.5B student, one step on the 8 longest kept trajectories (16,760 tokens, batch 8, bf16,
+# default malloc; 2026-12-01): peak RSS 13.4 GB without gradient checkpointing, 6.7 GB with it (3.5 -> 5.4 min per
+# step). With the malloc settings below, which keep freed blocks in the heap (RSS stays at its high-water mark), the
+# whole 2-epoch run peaked at 19.6 GB without checkpointing and 10.6-13.5 GB with it.
 # glibc hands freed blocks of a few MB back to the kernel and the next step faults them in again: training the 135M
 # student on this 2-core CPU spent 46 % of its time in the kernel. Keeping them in the heap: 87 -> 111 tokens/s.
 DISTILL := MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 nice $(BIN)/python -m agent_distillation.distill --lora_r 16 --lora_alpha 32
