@@ -31,14 +31,16 @@ def _repo_root() -> Path:
     return Path(__file__).resolve().parents[1] if '__file__' in globals() else Path.cwd().resolve().parent
 
 # %% ../nbs/12_cli.ipynb #d444f5e3
-def resolve_adapter(adapter: str | None  # a LoRA run folder, relative paths also tried under the checkout's root; 'none': no adapter
+def resolve_adapter(adapter: str | None  # a LoRA (or full fine-tuning) run folder, relative paths also tried under the checkout's root; 'none': no adapter
                    ) -> Path | None:
-    "The run folder of a LoRA adapter, or None for 'none'; `FileNotFoundError` says how to get a missing one."
+    "The run folder of a LoRA adapter or fully fine-tuned model, or None for 'none'; `FileNotFoundError` says how to get a missing one."
+    from agent_distillation.distill import is_full_run
     if adapter is None or str(adapter).lower() in ('', 'none'): return None
     for p in (Path(adapter), _repo_root()/adapter):
-        if (p/'adapter_config.json').exists():
+        if is_full_run(p): return p
+        s = load_json(p/'settings.json') if (p/'settings.json').exists() else {}
+        if (p/'adapter_config.json').exists() or s.get('finished'):
             if (p/'adapter_model.safetensors').exists(): return p
-            s = load_json(p/'settings.json') if (p/'settings.json').exists() else {}
             regen = s.get('regenerate', 'make students')
             raise FileNotFoundError(f"{p} has the adapter's settings but not its weights (adapters over 10 MB are not committed); "
                                     f"regenerate them with: {regen}")
@@ -63,7 +65,7 @@ def resolve_engine(base: str,           # the student's base model
     return 'llama.cpp'
 
 def load_lm(base: str,                    # registry name, local folder or hub id
-            adapter: str | None = None,   # LoRA run folder (merged into the weights), or None/'none'
+            adapter: str | None = None,   # LoRA run folder (merged into the weights), a full fine-tuning run folder, or None/'none'
             engine: str = 'auto',         # 'transformers' (`PrefixCacheLM`, batched in-process), 'llama.cpp' (`serving.StudentServer`) or 'auto' (`resolve_engine`)
             parallel: int = 16):          # llama.cpp: slots, i.e. conversations in flight
     "The student as a model: `PrefixCacheLM` with the adapter merged, or an `OpenAILM` on llama-server; unknown models fail before anything loads."
@@ -72,10 +74,12 @@ def load_lm(base: str,                    # registry name, local folder or hub i
     path = resolve_adapter(adapter)
     if base not in OFFLINE_MODELS and base != 'tiny-random' and not Path(base).is_dir() and '/' not in base:
         raise ValueError(f"Unknown model {base!r}: use a registry name ({', '.join(OFFLINE_MODELS)}), a local folder or a hub id (org/name)")
-    engine = resolve_engine(base, engine)
+    from agent_distillation.distill import load_student, is_full_run
+    full = path is not None and is_full_run(path)
+    if full and engine == 'llama.cpp': raise ValueError(f"{path} is a fully fine-tuned model: run it with --engine transformers (llama.cpp serves LoRA adapters here)")
+    engine = 'transformers' if full else resolve_engine(base, engine)
     if engine == 'llama.cpp': return _served_lm(base, path, parallel)
     if path is None: return PrefixCacheLM(base)
-    from agent_distillation.distill import load_student
     return PrefixCacheLM(load_student(base, path), load_tokenizer(base))
 
 def _served_lm(base: str, path, parallel: int):
@@ -189,12 +193,13 @@ def export(records: str,              # teacher JSONL file(s), comma-separated
     return ds
 
 # %% ../nbs/12_cli.ipynb #8c4f41d3
-def _sft_data(tok, recs: list[dict], kind: str, max_len: int):
-    "Masked SFT examples from records: teacher JSONL (filtered) or chats (`messages`), agent or CoT."
-    from agent_distillation.distill import build_sft_dataset, build_cot_dataset, _teacher_prompt_parts
+def _sft_data(tok, recs: list[dict], kind: str, max_len: int, drop_typed: bool = False):
+    "Masked SFT examples from records: teacher JSONL (filtered; `drop_typed`: minus `distill.typed_answer` ones) or chats (`messages`), agent or CoT."
+    from agent_distillation.distill import build_sft_dataset, build_cot_dataset, _teacher_prompt_parts, typed_answer
     from agent_distillation.teacher import filter_trajectories
     if kind == 'cot' and 'cot' in recs[0]: return build_cot_dataset(tok, recs, max_len)
-    if kind == 'agent' and 'steps' in recs[0]: recs = filter_trajectories(recs)[0]  # teacher JSONL: keep the correct ones
+    if kind == 'agent' and 'steps' in recs[0]:  # teacher JSONL: keep the correct ones
+        recs = [r for r in filter_trajectories(recs)[0] if not (drop_typed and typed_answer(r))]
     chats = [r['messages'] for r in recs]
     teacher = kind == 'agent' and all(c and c[0]['role'] == 'system' and _teacher_prompt_parts(c[0]['content']) for c in chats)
     return build_sft_dataset(tok, chats, max_len, student_prompt=teacher)  # teacher prompts become the student's short one
@@ -210,18 +215,23 @@ def train(data: str,                      # teacher JSONL file(s) (comma-separat
           max_steps: int = -1,            # stop after this many optimizer steps (-1: all epochs)
           lora_r: int = 16,               # LoRA rank (paper: 64)
           lora_alpha: int = 32,           # LoRA alpha (paper: 128)
+          full_finetune: bool = False,    # train every weight (float32) instead of LoRA; the run folder holds the whole model
+          drop_typed: bool = False,       # agent: leave out trajectories that type a numeric answer (`distill.typed_answer`)
+          gradient_checkpointing: bool = False,  # recompute activations in backward: about half the memory, about 1.5x the time
           max_len: int = 4096,            # tokens per example (longer: cut at a turn end or dropped)
           save_steps: int = 25,           # checkpoint every N steps
           seed: int = 0):
-    "LoRA-fine-tune a student on teacher trajectories (agent) or CoT answers (cot), loss on the assistant turns only."
+    "LoRA- (or fully) fine-tune a student on teacher trajectories (agent) or CoT answers (cot), loss on the assistant turns only."
     from agent_distillation.distill import TrainConfig, default_lora, train_student
     from agent_distillation.registry import load_tokenizer
     if kind not in ('agent', 'cot'): raise ValueError(f"kind must be 'agent' or 'cot', got {kind!r}")
     recs, tok = load_records(data), load_tokenizer(base)
-    sft, stats = _sft_data(tok, recs, kind, max_len)
+    sft, stats = _sft_data(tok, recs, kind, max_len, drop_typed)
     print(f'{kind} SFT data: {dict(stats)}')
-    cfg = TrainConfig(out_dir=out_dir, epochs=epochs, lr=lr, batch_size=batch_size, max_steps=max_steps, save_steps=save_steps, seed=seed)
-    res = train_student(base, sft, lora=default_lora(r=lora_r, lora_alpha=lora_alpha), config=cfg, tokenizer=tok)
+    cfg = TrainConfig(out_dir=out_dir, epochs=epochs, lr=lr, batch_size=batch_size, max_steps=max_steps, save_steps=save_steps,
+                      gradient_checkpointing=gradient_checkpointing, seed=seed)
+    lora = False if full_finetune else default_lora(r=lora_r, lora_alpha=lora_alpha)
+    res = train_student(base, sft, lora=lora, config=cfg, tokenizer=tok)
     print(res)
     return res
 

@@ -14,7 +14,7 @@ from .core import append_jsonl, read_jsonl, write_jsonl, save_json, load_json, s
 from .prompts import TEACHER_SYSTEM, STUDENT_SYSTEM, DEFAULT_IMPORTS, student_system_prompt, cot_messages
 
 # %% auto #0
-__all__ = ['LLAMA3_TEMPLATE', 'MISTRAL_TEMPLATE', 'assistant_spans', 'build_sft_example', 'show_mask', 'synthetic_trajectories', 'to_student_messages', 'build_sft_dataset', 'cot_sft_messages', 'build_cot_dataset', 'collate_padded', 'collate_packed', 'SimilarLengthSampler', 'padding_waste', 'TrainConfig', 'default_lora', 'sft_loss', 'plot_loss', 'TrainResult', 'train_student', 'adapter_info', 'load_student', 'merge_adapter', 'students_report', 'plot_students', 'ACCELERATE_CONFIGS', 'train_from_jsonl', 'write_run_card', 'main', 'write_accelerate_config', 'bench_batching']
+__all__ = ['LLAMA3_TEMPLATE', 'MISTRAL_TEMPLATE', 'assistant_spans', 'build_sft_example', 'show_mask', 'synthetic_trajectories', 'to_student_messages', 'build_sft_dataset', 'cot_sft_messages', 'build_cot_dataset', 'collate_padded', 'collate_packed', 'SimilarLengthSampler', 'padding_waste', 'TrainConfig', 'default_lora', 'sft_loss', 'plot_loss', 'TrainResult', 'train_student', 'is_full_run', 'adapter_info', 'load_student', 'merge_adapter', 'students_report', 'plot_students', 'ACCELERATE_CONFIGS', 'typed_answer', 'train_from_jsonl', 'write_run_card', 'main', 'write_accelerate_config', 'bench_batching']
 
 # %% ../nbs/09_distill.ipynb #eb362be6
 def _render(tok, messages, **kw) -> str:
@@ -333,7 +333,8 @@ class TrainResult:
         return cls(str(out_dir), s['base'], s['steps'], s['dataset']['examples'], s['first_loss'], s['final_loss'],
                    s['tokens'], s['train_s'], s['tokens_per_s'], len(s['sessions']))
     def _repr_markdown_(self):
-        return (f"**{self.base}** + LoRA → `{self.out_dir}`: {self.steps} steps on {self.examples} examples, loss "
+        kind = 'full fine-tuning' if is_full_run(self.out_dir) else 'LoRA'
+        return (f"**{self.base}** + {kind} → `{self.out_dir}`: {self.steps} steps on {self.examples} examples, loss "
                 f"{self.first_loss:.3f} → {self.final_loss:.3f}, {self.tokens:,} tokens in {self.train_s:.0f}s "
                 f"({self.tokens_per_s:.0f} tokens/s, {self.sessions} session{'s' * (self.sessions > 1)})")
 
@@ -374,7 +375,8 @@ def _settings(base, lora, cfg, data, accum, world, sessions, log) -> dict:
     tokens = log[-1]['tokens'] if log else 0
     train_s = log[-1]['seconds'] if log else 0.0
     return _jsonable(dict(
-        base=base, lora={k: v for k, v in lora.to_dict().items() if v not in (None, False, {}, [])}, config=asdict(cfg),
+        base=base, lora=None if lora is False else {k: v for k, v in lora.to_dict().items() if v not in (None, False, {}, [])},
+        config=asdict(cfg),
         derived=dict(gradient_accumulation_steps=accum, world_size=world, device='cuda' if torch.cuda.is_available() else 'cpu',
                      dtype=cfg.dtype or str(_default_dtype()).replace('torch.', '')),
         dataset=dict(examples=len(data), tokens=sum(len(e['input_ids']) for e in data),
@@ -401,12 +403,13 @@ def _finished(out: Path, base, cfg, data) -> bool:
 def _fresh_start(out: Path):
     "Remove a previous run's checkpoints, log and results from `out`."
     for p in out.glob('checkpoint-*'): shutil.rmtree(p)
-    for n in ('train_log.jsonl', 'sessions.jsonl', 'settings.json', 'loss.png', 'adapter_config.json', 'adapter_model.safetensors'):
+    for n in ('train_log.jsonl', 'sessions.jsonl', 'settings.json', 'loss.png', 'adapter_config.json', 'adapter_model.safetensors',
+              'model.safetensors', 'config.json', 'generation_config.json'):
         (out/n).unlink(missing_ok=True)
 
 # %% ../nbs/09_distill.ipynb #7ab7e1d0
 def _make_trainer(base, data, lora, cfg: TrainConfig, tokenizer=None) -> _SFTTrainer:
-    "The `Trainer` of a run: LoRA on the base model, the collator and sampler of `cfg.batching`, the log callback."
+    "The `Trainer` of a run: LoRA on the base model (`lora=False`: every weight trained), the collator and sampler of `cfg.batching`, the log callback."
     from peft import get_peft_model
     from agent_distillation.registry import load_model, load_tokenizer
     seed_everything(cfg.seed)
@@ -414,7 +417,7 @@ def _make_trainer(base, data, lora, cfg: TrainConfig, tokenizer=None) -> _SFTTra
     model = load_model(base, dtype=_dtype(cfg.dtype))
     model.config.use_cache = False
     if cfg.gradient_checkpointing: model.enable_input_require_grads()
-    model = get_peft_model(model, lora)
+    if lora is not False: model = get_peft_model(model, lora)
     world = int(os.environ.get('WORLD_SIZE', 1))
     accum = max(1, cfg.batch_size // (cfg.micro_batch_size * world))
     sampler = (SimilarLengthSampler([len(e['input_ids']) for e in data], cfg.micro_batch_size, cfg.group, cfg.seed)
@@ -430,13 +433,14 @@ def _make_trainer(base, data, lora, cfg: TrainConfig, tokenizer=None) -> _SFTTra
 # %% ../nbs/09_distill.ipynb #d2a096e9
 def train_student(base: str,                       # registry name, local folder or hub id of the student
                   dataset,                         # examples from `build_sft_dataset` / `build_cot_dataset` (input_ids, labels)
-                  lora=None,                       # a peft `LoraConfig` (default: `default_lora()`, the paper's)
+                  lora=None,                       # a peft `LoraConfig` (default: `default_lora()`, the paper's); False: full fine-tuning
                   config: TrainConfig | None = None,  # run settings (default: `TrainConfig()`)
                   tokenizer=None,                  # the student's tokenizer (default: loaded from `base`)
                   resume: bool = True,             # continue from the latest checkpoint / return a finished run's result
                   **overrides) -> TrainResult:     # any `TrainConfig` field
-    "LoRA-fine-tune `base` on masked SFT examples; saves the adapter, train_log.jsonl, settings.json and loss.png."
-    cfg, lora = replace(config or TrainConfig(), **overrides), lora or default_lora()
+    "LoRA- (or fully) fine-tune `base` on masked SFT examples; saves the adapter (or model), train_log.jsonl, settings.json and loss.png."
+    cfg, lora = replace(config or TrainConfig(), **overrides), default_lora() if lora is None else lora
+    if lora is False and cfg.dtype is None: cfg = replace(cfg, dtype='float32')  # bf16 weights would round most updates away
     if cfg.batching not in ('grouped', 'packed', 'padded'): raise ValueError(f"batching must be grouped, packed or padded, got {cfg.batching!r}")
     data = [{'input_ids': list(e['input_ids']), 'labels': list(e['labels'])} for e in dataset]
     if not data: raise ValueError('train_student got an empty dataset: no example survived filtering (see the SFT data counts)')
@@ -456,15 +460,24 @@ def train_student(base: str,                       # registry name, local folder
 
 # %% ../nbs/09_distill.ipynb #7613b4ed
 def _save_run(model, base, lora, cfg, data, accum, world, out: Path):
-    "Save the adapter (peft format), settings.json and loss.png of a finished run."
-    model.peft_config['default'].base_model_name_or_path = base
-    model.save_pretrained(out, save_embedding_layers=False)
-    if cfg.save_dtype: _cast_adapter(out/'adapter_model.safetensors', cfg.save_dtype)
+    "Save the adapter (peft format; a full fine-tuning run: the whole model and tokenizer), settings.json and loss.png of a finished run."
+    if lora is False: _save_full(model, base, cfg, out)
+    else:
+        model.peft_config['default'].base_model_name_or_path = base
+        model.save_pretrained(out, save_embedding_layers=False)
+        if cfg.save_dtype: _cast_adapter(out/'adapter_model.safetensors', cfg.save_dtype)
     sessions = read_jsonl(out/'sessions.jsonl')
     sessions[-1]['end'] = datetime.datetime.now().isoformat(timespec='seconds')
     settings = _settings(base, lora, cfg, data, accum, world, sessions, read_jsonl(out/'train_log.jsonl'))
     save_json(out/'settings.json', settings | {'adapter': adapter_info(out)})
     plot_loss(out)
+
+def _save_full(model, base, cfg, out: Path):
+    "A fully fine-tuned run folder: the model (in `cfg.save_dtype`) and the base's tokenizer, loadable as a base model."
+    from agent_distillation.registry import load_tokenizer
+    if cfg.save_dtype: model = model.to(_dtype(cfg.save_dtype))
+    model.config.use_cache = True  # trained without the KV cache; generation wants it
+    model.save_pretrained(out); load_tokenizer(base).save_pretrained(out)
 
 def _cast_adapter(path: Path, dtype: str):
     "Rewrite a safetensors adapter with its floating-point tensors in `dtype` (atomically)."
@@ -473,21 +486,26 @@ def _cast_adapter(path: Path, dtype: str):
     tmp = path.with_name(path.name + '.tmp')
     save_file(sd, tmp, metadata={'format': 'pt'}); os.replace(tmp, path)
 
+def is_full_run(run_dir) -> bool:
+    "Whether a run folder holds a fully fine-tuned model (model.safetensors, no adapter_config.json) rather than a LoRA adapter."
+    return (Path(run_dir)/'model.safetensors').exists() and not (Path(run_dir)/'adapter_config.json').exists()
+
 def adapter_info(run_dir) -> dict:
-    "Size, dtype and sha256 of a run's adapter file: what evaluation results cite when the adapter is not committed."
+    "Size, dtype and sha256 of a run's adapter file (a full fine-tuning run's model file): what evaluation results cite when it is not committed."
     from safetensors import safe_open
-    p = Path(run_dir)/'adapter_model.safetensors'
+    p = Path(run_dir)/('model.safetensors' if is_full_run(run_dir) else 'adapter_model.safetensors')
     with safe_open(p, 'pt') as f: dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})
     return dict(file=p.name, bytes=p.stat().st_size, dtype=dtypes, sha256=hashlib.sha256(p.read_bytes()).hexdigest())
 
 # %% ../nbs/09_distill.ipynb #81009376
 def load_student(base: str,            # the base model the adapter was trained on
-                 adapter_dir,          # a run folder (adapter_config.json + adapter_model.safetensors)
+                 adapter_dir,          # a run folder (adapter_config.json + adapter_model.safetensors, or a full model)
                  merge: bool = True,   # merge the adapter into the weights (False: a `PeftModel`)
                  dtype=None):          # torch dtype or name (default: the registry's)
-    "The student: base model + trained LoRA adapter, in eval mode."
+    "The student: base model + trained LoRA adapter (a full fine-tuning run folder: its own model), in eval mode."
     from peft import PeftModel
     from agent_distillation.registry import load_model
+    if is_full_run(adapter_dir): return load_model(str(adapter_dir), dtype=_dtype(dtype)).eval()
     with _quiet(): model = PeftModel.from_pretrained(load_model(base, dtype=_dtype(dtype)), str(adapter_dir))
     return (model.merge_and_unload() if merge else model).eval()
 
@@ -540,12 +558,27 @@ def plot_students(root='runs/cpu/students', smooth: int = 5):
     if ax.get_legend_handles_labels()[0]: ax.legend()
     fig.tight_layout(); return fig
 
+# %% ../nbs/09a_distill_at_scale.ipynb #59f5eb81
+import re
+_NUMBER = re.compile(r'-?\d[\d,]*(\.\d+)?|-?\.\d+')
+
+def typed_answer(r: dict  # a teacher trajectory record (gold, steps)
+                ) -> bool:
+    "Whether a trajectory answers a question with a numeric gold by typing the number: its final action is `final_answer(<literal>)`."
+    from agent_distillation.teacher import _constant_answer
+    return _NUMBER.fullmatch(str(r.get('gold', '')).strip()) is not None and _constant_answer(r)
+
 # %% ../nbs/09a_distill_at_scale.ipynb #aecc2a03
-def _sft_data(records: str, kind: str, tok, max_len: int) -> list[dict]:
-    "SFT examples from teacher JSONL file(s): the kept trajectories ('agent') or the correct CoT answers ('cot')."
+def _sft_data(records: str, kind: str, tok, max_len: int, drop_typed: bool = False) -> list[dict]:
+    "SFT examples from teacher JSONL file(s): the kept trajectories ('agent'; `drop_typed`: minus `typed_answer` ones) or the correct CoT answers ('cot')."
     from agent_distillation.teacher import filter_trajectories
     recs = [r for p in records.split(',') for r in read_jsonl(p.strip())]
-    if kind == 'agent': data, stats = build_sft_dataset(tok, filter_trajectories(recs)[0], max_len)
+    if kind == 'agent':
+        kept = filter_trajectories(recs)[0]
+        if drop_typed:
+            n = len(kept); kept = [r for r in kept if not typed_answer(r)]
+            print(f'drop_typed: {n - len(kept)} of {n} kept trajectories typed a numeric answer and are left out')
+        data, stats = build_sft_dataset(tok, kept, max_len)
     elif kind == 'cot': data, stats = build_cot_dataset(tok, recs, max_len)
     else: raise ValueError(f"kind must be 'agent' or 'cot', got {kind!r}")
     print(f'{kind} SFT data: {dict(stats)}')
@@ -566,18 +599,21 @@ def train_from_jsonl(records: str,                  # teacher JSONL file(s), com
                      max_steps: int = -1,           # stop early (-1: all epochs)
                      lora_r: int = 64,              # LoRA rank (paper: 64)
                      lora_alpha: int = 128,         # LoRA alpha (paper: 128)
+                     full_finetune: bool = False,   # train every weight (float32) instead of LoRA; the run folder holds the whole model
                      save_steps: int = 25,          # checkpoint every N optimizer steps (a resumed run starts from the latest)
+                     drop_typed: bool = False,      # agent: leave out trajectories that type a numeric answer (`typed_answer`)
                      gradient_checkpointing: bool = False,  # recompute activations in the backward pass: less memory, ~30 % more compute
                      dtype: str = None,             # 'bfloat16' or 'float32' (default: bf16 where the CPU/GPU has bf16 units)
                      seed: int = 0) -> TrainResult:
     "Build the SFT dataset from teacher JSONL files and train the student on it (resumable)."
     from agent_distillation.registry import load_tokenizer
     tok = load_tokenizer(base)
-    data = _sft_data(records, kind, tok, max_len)
+    data = _sft_data(records, kind, tok, max_len, drop_typed)
     cfg = TrainConfig(out_dir=out_dir, epochs=epochs, lr=lr, batch_size=batch_size, micro_batch_size=micro_batch_size,
                       batching=batching, max_steps=max_steps, save_steps=save_steps,
                       gradient_checkpointing=gradient_checkpointing, dtype=dtype, seed=seed)
-    res = train_student(base, data, lora=default_lora(r=lora_r, lora_alpha=lora_alpha), config=cfg, tokenizer=tok)
+    lora = False if full_finetune else default_lora(r=lora_r, lora_alpha=lora_alpha)
+    res = train_student(base, data, lora=lora, config=cfg, tokenizer=tok)
     args = {k: v for k, v in locals().items() if k in _TRAIN_ARGS and v != _TRAIN_ARGS[k] and k != 'records'}
     if int(os.environ.get('RANK', 0)) == 0: write_run_card(out_dir, _command(records, args))
     return res
@@ -594,11 +630,11 @@ def _command(records: str, args: dict) -> str:
 # %% ../nbs/09a_distill_at_scale.ipynb #c3613ccf
 def _card_table(s: dict) -> str:
     "The run card's table of data, LoRA, recipe, result and adapter, from a run's settings."
-    a, d, l = s.get('adapter', {}), s['dataset'], s['lora']
+    a, d, l = s.get('adapter', {}), s['dataset'], s['lora'] or {}
     return f"""| | |
 |---|---|
 | data | {d['examples']} examples, {d['tokens']:,} tokens ({d['trained_tokens']:,} trained), sha256 `{d['sha256'][:12]}` |
-| LoRA | r={l.get('r')}, alpha={l.get('lora_alpha')}, dropout {l.get('lora_dropout')}, on {l.get('target_modules')} |
+| LoRA | {f"r={l.get('r')}, alpha={l.get('lora_alpha')}, dropout {l.get('lora_dropout')}, on {l.get('target_modules')}" if l else 'none: full fine-tuning (every weight)'} |
 | recipe | {s['config']['epochs']} epochs, lr {s['config']['lr']} ({s['config']['scheduler']}), {s['config']['batch_size']} sequences per step, {s['derived']['dtype']} on {s['derived']['device']} |
 | result | {s['steps']} steps, loss {s['first_loss']} -> {s['final_loss']}, {s['tokens_per_s']} tokens/s, {s['train_s']:.0f} s over {len(s['sessions'])} session(s) |
 | adapter | {a.get('bytes', 0) / 1e6:.1f} MB, sha256 `{str(a.get('sha256', ''))[:12]}` |"""

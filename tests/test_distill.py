@@ -201,3 +201,36 @@ def test_empty_dataset_is_an_error(tmp_path):
     with pytest.raises(ValueError, match='empty dataset'):
         train_student('tiny-random', [], out_dir=str(tmp_path/'run'), max_steps=1)
     assert not (tmp_path/'run'/'settings.json').exists()
+
+def test_full_finetune_trains_every_weight_and_loads_like_an_adapter(short, tiny, tmp_path):
+    "lora=False: float32 training of all weights; the run folder is a model `load_student` and `cli.load_lm` take; llama.cpp refuses it clearly."
+    from agent_distillation.distill import is_full_run, TrainResult
+    from agent_distillation.cli import load_lm
+    out = tmp_path/'full'
+    res = train_student('tiny-random', short, lora=False, out_dir=str(out), batch_size=2, max_steps=2, lr=1e-3, save_steps=1)
+    s = load_json(out/'settings.json')
+    assert s['lora'] is None and s['config']['dtype'] == 'float32' and is_full_run(out) and not (out/'adapter_config.json').exists()
+    assert s['adapter']['file'] == 'model.safetensors' and s['adapter']['dtype'] == ['BF16']
+    model = load_student('tiny-random', out, dtype=torch.float32)
+    mats = {n: w for n, w in model.named_parameters() if w.ndim == 2}  # norms' 1.0 +- 1e-3 rounds back to 1.0 in bf16
+    assert 'model.embed_tokens.weight' in mats and len(mats) > 10
+    assert all(not torch.allclose(w, tiny.get_parameter(n), atol=1e-4) for n, w in mats.items())  # LoRA never moves the embedding
+    assert train_student('tiny-random', short, lora=False, out_dir=str(out), batch_size=2, max_steps=2, lr=1e-3, save_steps=1) == res
+    lm = load_lm('tiny-random', str(out))
+    assert type(lm).__name__ == 'PrefixCacheLM'
+    with pytest.raises(ValueError, match='fully fine-tuned'): load_lm('tiny-random', str(out), engine='llama.cpp')
+
+def test_drop_typed_leaves_out_typed_numeric_answers(tok):
+    "On the first teacher run's records: `drop_typed` removes exactly the kept trajectories `typed_answer` flags, in both entry points."
+    from agent_distillation.distill import typed_answer, _sft_data as distill_data
+    from agent_distillation.cli import _sft_data as cli_data
+    from agent_distillation.teacher import filter_trajectories
+    path = ROOT/'runs/cpu/teacher/agent.jsonl'
+    kept = filter_trajectories(read_jsonl(path))[0]
+    typed = [r for r in kept if typed_answer(r)]
+    assert 0 < len(typed) < len(kept)
+    assert all(str(r['gold']).replace(',', '').replace('.', '').lstrip('-').isdigit() for r in typed)
+    full, _ = cli_data(tok, read_jsonl(path), 'agent', 8192)
+    fewer, _ = cli_data(tok, read_jsonl(path), 'agent', 8192, drop_typed=True)
+    assert len(full) == len(kept) and len(fewer) == len(kept) - len(typed)
+    assert len(distill_data(str(path), 'agent', tok, 8192, drop_typed=True)) == len(fewer)
