@@ -283,7 +283,7 @@ def make_method(name: str, base: str, adapter: str, cot_adapter: str, corpus: st
     return m
 
 # %% ../nbs/12_cli.ipynb #8278614c
-def evaluate(methods: str = 'agent_distill,cot_distill',  # comma-separated `METHODS`
+def evaluate(methods: str = 'agent_distill,cot_distill',  # comma-separated `METHODS`, or the teacher's: teacher_cot, teacher_agent, teacher_agent_ftp
              benchmarks: str = 'world,gsm_hard',          # comma-separated benchmark names (see `load_examples`)
              n: int = 20,                                 # questions per benchmark (seeded subset)
              out: str = 'runs/eval/results.jsonl',        # results file (appended; resumed)
@@ -296,18 +296,21 @@ def evaluate(methods: str = 'agent_distill,cot_distill',  # comma-separated `MET
              max_new_tokens: int = 384,                   # tokens per agent step
              cot_max_new_tokens: int = 512,               # tokens per CoT answer
              engine: str = 'auto',                        # 'auto', 'transformers' or 'llama.cpp' (see `resolve_engine`)
+             teacher_model: str = 'qwen2.5-coder-1.5b-instruct',  # the teacher_* methods' model (llama-server, the teacher run's settings)
              plot: bool = False,                          # also save a bar plot next to `out`
              seed: int = 0):
-    "Evaluate methods on benchmarks (resumable) and print the results table."
+    "Evaluate methods on benchmarks (resumable) and print the results table; the teacher_* methods run the teacher as the teacher run did."
     from agent_distillation.evaluate import evaluate as run_eval, results_table, markdown_table, plot_results
     names, lms = [m.strip() for m in methods.split(',') if m.strip()], {}
-    if bad := [m for m in names if m not in METHODS]: raise ValueError(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
+    known = METHODS + tuple(f'teacher_{t}' for t in ('cot', 'agent', 'agent_ftp'))
+    if bad := [m for m in names if m not in known]: raise ValueError(f"unknown method {bad[0]!r}; choose from {', '.join(known)}")
     exs = [e for b in benchmarks.split(',') if b.strip() for e in load_examples(b.strip(), n, seed)]
     if not names or not exs: raise ValueError('nothing to evaluate: give at least one method and one benchmark')
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     frames = []
     for name in names:
-        with make_method(name, base, adapter, cot_adapter, corpus, sag_n, max_steps, max_new_tokens, cot_max_new_tokens, seed, lms, engine=engine) as m:
+        with (_teacher_as(name, teacher_model, corpus, seed) if name.startswith('teacher_') else
+              make_method(name, base, adapter, cot_adapter, corpus, sag_n, max_steps, max_new_tokens, cot_max_new_tokens, seed, lms, engine=engine)) as m:
             frames.append(run_eval(m, exs, out=out))
     _stop_served(*lms.values())
     t = results_table(*frames)
@@ -315,6 +318,12 @@ def evaluate(methods: str = 'agent_distill,cot_distill',  # comma-separated `MET
     if plot:
         png = Path(out).with_suffix('.png'); plot_results(t).savefig(png, dpi=120, bbox_inches='tight'); print(f'plot: {png}')
     return t
+
+def _teacher_as(name: str, model: str, corpus: str, seed: int):
+    "`teacher_method` for a 'teacher_<kind>' method name, its records named so."
+    m = teacher_method(name.removeprefix('teacher_'), model, corpus, seed)
+    m.name = name
+    return m
 
 # %% ../nbs/12_cli.ipynb #80e582ed
 PROFILES = {'quick': dict(n=12, sag_n=4, ask=2, train_steps=4, train_records=16, out='runs/quick'),
