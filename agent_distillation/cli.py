@@ -197,9 +197,13 @@ def _sft_data(tok, recs: list[dict], kind: str, max_len: int, drop_typed: bool =
     "Masked SFT examples from records: teacher JSONL (filtered; `drop_typed`: minus `distill.typed_answer` ones) or chats (`messages`), agent or CoT."
     from agent_distillation.distill import build_sft_dataset, build_cot_dataset, _teacher_prompt_parts, typed_answer
     from agent_distillation.teacher import filter_trajectories
+    if drop_typed and not (kind == 'agent' and 'steps' in recs[0]):
+        raise ValueError('drop_typed filters teacher agent trajectories (JSONL with steps); these records are not')
     if kind == 'cot' and 'cot' in recs[0]: return build_cot_dataset(tok, recs, max_len)
     if kind == 'agent' and 'steps' in recs[0]:  # teacher JSONL: keep the correct ones
-        recs = [r for r in filter_trajectories(recs)[0] if not (drop_typed and typed_answer(r))]
+        kept = filter_trajectories(recs)[0]
+        recs = [r for r in kept if not (drop_typed and typed_answer(r))]
+        if drop_typed: print(f'drop_typed: {len(kept) - len(recs)} of {len(kept)} kept trajectories typed an answer they should compute and are left out')
     chats = [r['messages'] for r in recs]
     teacher = kind == 'agent' and all(c and c[0]['role'] == 'system' and _teacher_prompt_parts(c[0]['content']) for c in chats)
     return build_sft_dataset(tok, chats, max_len, student_prompt=teacher)  # teacher prompts become the student's short one

@@ -333,7 +333,7 @@ class TrainResult:
         return cls(str(out_dir), s['base'], s['steps'], s['dataset']['examples'], s['first_loss'], s['final_loss'],
                    s['tokens'], s['train_s'], s['tokens_per_s'], len(s['sessions']))
     def _repr_markdown_(self):
-        kind = 'full fine-tuning' if is_full_run(self.out_dir) else 'LoRA'
+        kind = 'LoRA' if load_json(Path(self.out_dir)/'settings.json').get('lora') else 'full fine-tuning'
         return (f"**{self.base}** + {kind} → `{self.out_dir}`: {self.steps} steps on {self.examples} examples, loss "
                 f"{self.first_loss:.3f} → {self.final_loss:.3f}, {self.tokens:,} tokens in {self.train_s:.0f}s "
                 f"({self.tokens_per_s:.0f} tokens/s, {self.sessions} session{'s' * (self.sessions > 1)})")
@@ -391,12 +391,19 @@ def _default_dtype():
     return default_dtype()
 
 # %% ../nbs/09_distill.ipynb #5d6b0406
-def _finished(out: Path, base, cfg, data) -> bool:
-    "Whether `out` holds a finished run of exactly this base, config and data (an error if it holds a different one)."
+def _lora_key(lora) -> tuple | None:
+    "What identifies a LoRA configuration in settings (rank, alpha, dropout; peft expands 'all-linear' into names on use); None for full fine-tuning."
+    if lora is False or lora is None: return None
+    d = lora.to_dict() if hasattr(lora, 'to_dict') else lora
+    return (d.get('r'), d.get('lora_alpha'), d.get('lora_dropout'))
+
+def _finished(out: Path, base, cfg, data, lora=None) -> bool:
+    "Whether `out` holds a finished run of exactly this base, LoRA (or full fine-tuning), config and data (an error if it holds a different one)."
     p = out/'settings.json'
     if not p.exists(): return False
     s = load_json(p)
-    same = s['base'] == base and s['config'] == _jsonable(asdict(cfg)) and s['dataset']['sha256'] == _dataset_sha(data)
+    same = (s['base'] == base and s['config'] == _jsonable(asdict(cfg)) and s['dataset']['sha256'] == _dataset_sha(data)
+            and _lora_key(s['lora']) == _lora_key(lora))
     if not same: raise ValueError(f"{out} holds a finished run with other settings or data; use another out_dir or resume=False")
     return True
 
@@ -446,7 +453,7 @@ def train_student(base: str,                       # registry name, local folder
     if not data: raise ValueError('train_student got an empty dataset: no example survived filtering (see the SFT data counts)')
     out = Path(cfg.out_dir); out.mkdir(parents=True, exist_ok=True)
     if not resume and int(os.environ.get('RANK', 0)) == 0: _fresh_start(out)
-    elif _finished(out, base, cfg, data): return TrainResult.load(out)
+    elif _finished(out, base, cfg, data, lora): return TrainResult.load(out)
     threads = torch.get_num_threads()
     try:
         if cfg.threads: torch.set_num_threads(cfg.threads)
@@ -477,7 +484,7 @@ def _save_full(model, base, cfg, out: Path):
     from agent_distillation.registry import load_tokenizer
     if cfg.save_dtype: model = model.to(_dtype(cfg.save_dtype))
     model.config.use_cache = True  # trained without the KV cache; generation wants it
-    model.save_pretrained(out); load_tokenizer(base).save_pretrained(out)
+    model.save_pretrained(out, max_shard_size='1000GB'); load_tokenizer(base).save_pretrained(out)  # one file, as `is_full_run` expects
 
 def _cast_adapter(path: Path, dtype: str):
     "Rewrite a safetensors adapter with its floating-point tensors in `dtype` (atomically)."
@@ -486,6 +493,8 @@ def _cast_adapter(path: Path, dtype: str):
     tmp = path.with_name(path.name + '.tmp')
     save_file(sd, tmp, metadata={'format': 'pt'}); os.replace(tmp, path)
 
+
+# %% ../nbs/09_distill.ipynb #2c1103f3
 def is_full_run(run_dir) -> bool:
     "Whether a run folder holds a fully fine-tuned model (model.safetensors, no adapter_config.json) rather than a LoRA adapter."
     return (Path(run_dir)/'model.safetensors').exists() and not (Path(run_dir)/'adapter_config.json').exists()
@@ -505,7 +514,10 @@ def load_student(base: str,            # the base model the adapter was trained 
     "The student: base model + trained LoRA adapter (a full fine-tuning run folder: its own model), in eval mode."
     from peft import PeftModel
     from agent_distillation.registry import load_model
-    if is_full_run(adapter_dir): return load_model(str(adapter_dir), dtype=_dtype(dtype)).eval()
+    if is_full_run(adapter_dir):
+        trained = load_json(Path(adapter_dir)/'settings.json')['base'] if (Path(adapter_dir)/'settings.json').exists() else base
+        if trained != base: raise ValueError(f"{adapter_dir} was fine-tuned from {trained!r}, not {base!r}: pass that base model")
+        return load_model(str(adapter_dir), dtype=_dtype(dtype)).eval()
     with _quiet(): model = PeftModel.from_pretrained(load_model(base, dtype=_dtype(dtype)), str(adapter_dir))
     return (model.merge_and_unload() if merge else model).eval()
 
@@ -537,7 +549,7 @@ def students_report(root='runs/cpu/students',  # folder of training runs (one su
         a = s.get('adapter', {})
         rows.append({'run': s_path.parent.name, 'base': s['base'], 'examples': s['dataset']['examples'],
                      'trained tokens': s['dataset']['trained_tokens'], 'epochs': s['config']['epochs'], 'steps': s['steps'],
-                     'LoRA r': s['lora'].get('r'), 'first loss': s['first_loss'],
+                     'LoRA r': (s['lora'] or {}).get('r', 'full'), 'first loss': s['first_loss'],
                      f'end loss (mean of last {last})': sum(tail) / len(tail) if tail else None,
                      'tokens/s': s['tokens_per_s'], 'train min': s['train_s'] / 60, 'wall min': wall / 60,
                      'adapter MB': a.get('bytes', 0) / 1e6, 'adapter sha256': a.get('sha256', '')[:12]})
@@ -559,14 +571,11 @@ def plot_students(root='runs/cpu/students', smooth: int = 5):
     fig.tight_layout(); return fig
 
 # %% ../nbs/09a_distill_at_scale.ipynb #59f5eb81
-import re
-_NUMBER = re.compile(r'-?\d[\d,]*(\.\d+)?|-?\.\d+')
-
-def typed_answer(r: dict  # a teacher trajectory record (gold, steps)
+def typed_answer(r: dict  # a teacher trajectory record (source, id, domain, steps)
                 ) -> bool:
-    "Whether a trajectory answers a question with a numeric gold by typing the number: its final action is `final_answer(<literal>)`."
-    from agent_distillation.teacher import _constant_answer
-    return _NUMBER.fullmatch(str(r.get('gold', '')).strip()) is not None and _constant_answer(r)
+    "Whether a trajectory types the answer to a question that needs computing (`teacher.needs_computing`: math, world arithmetic) instead of computing it."
+    from agent_distillation.teacher import needs_computing, typed_final_answer
+    return needs_computing(r) and typed_final_answer(r)
 
 # %% ../nbs/09a_distill_at_scale.ipynb #aecc2a03
 def _sft_data(records: str, kind: str, tok, max_len: int, drop_typed: bool = False) -> list[dict]:
@@ -648,7 +657,7 @@ def write_run_card(out_dir,              # a finished run folder (settings.json,
     save_json(out/'settings.json', s)
     card = f"""# {out.name}
 
-LoRA adapter for `{s['base']}`, trained by agent-distillation (`nbs/09_distill.ipynb`).
+{'LoRA adapter for' if s['lora'] else 'Fully fine-tuned'} `{s['base']}`, trained by agent-distillation (`nbs/09_distill.ipynb`).
 
 {_card_table(s)}
 

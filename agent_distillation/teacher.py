@@ -16,7 +16,7 @@ from .agent import CodeAgent, Trajectory
 from .scoring import extract_answer, is_correct
 
 # %% auto #0
-__all__ = ['done_ids', 'generate_cot', 'generate_trajectories', 'record_correct', 'drop_reason', 'filter_trajectories', 'to_dataset', 'world_train_splits', 'math_validation', 'math_train_pool', 'validation_examples', 'teacher_report', 'failure_patterns', 'MODES', 'generate_all', 'TeacherRunConfig', 'teacher_examples', 'teacher_test_examples', 'run_teacher']
+__all__ = ['done_ids', 'generate_cot', 'generate_trajectories', 'record_correct', 'drop_reason', 'filter_trajectories', 'to_dataset', 'world_train_splits', 'math_validation', 'math_train_pool', 'validation_examples', 'teacher_report', 'typed_final_answer', 'needs_computing', 'failure_patterns', 'MODES', 'generate_all', 'TeacherRunConfig', 'teacher_examples', 'teacher_test_examples', 'run_teacher']
 
 # %% ../nbs/08_teacher.ipynb #12b2c6c7
 def done_ids(path) -> set:
@@ -209,16 +209,45 @@ def teacher_report(out_dir='runs/cpu/teacher',  # a `run_teacher` folder
                 done={n: len(rs) for n, rs in files.items()}, provenance=prov)
 
 # %% ../nbs/08_teacher.ipynb #f6071829
-import ast
+import ast, functools
 
-def _constant_answer(r: dict) -> bool:
-    "Whether the trajectory's final action is `final_answer(<a constant>)` (worked out in the thought, not in code)."
-    final = [s for s in r.get('steps', []) if s.get('is_final')]
-    try: tree = ast.parse(final[-1]['code']) if final else None
-    except SyntaxError: return False
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, 'id', None) == 'final_answer'] if tree else []
-    return bool(calls) and bool(calls[-1].args) and isinstance(calls[-1].args[0], ast.Constant)
+def _final_answer_arg(code: str):
+    "The argument node of the last `final_answer(x)` call in `code`, and the parsed tree ((None, None): no such call, or no parse)."
+    try: tree = ast.parse(code or '')
+    except SyntaxError: return None, None
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, 'id', None) == 'final_answer' and n.args]
+    return (calls[-1].args[0], tree) if calls else (None, None)
 
+def _is_literal(arg, tree) -> bool:
+    "A literal: a constant (signed), `str`/`int`/`float` of one, or a name that the code assigns only literals."
+    while isinstance(arg, ast.Call) and getattr(arg.func, 'id', None) in ('str', 'int', 'float') and len(arg.args) == 1: arg = arg.args[0]
+    while isinstance(arg, ast.UnaryOp) and isinstance(arg.op, (ast.USub, ast.UAdd)): arg = arg.operand
+    if isinstance(arg, ast.Constant): return True
+    if not isinstance(arg, ast.Name): return False
+    vals = [n.value for n in ast.walk(tree) if isinstance(n, ast.Assign) and any(getattr(t, 'id', None) == arg.id for t in n.targets)]
+    return bool(vals) and all(_is_literal(v, ast.Module(body=[], type_ignores=[])) for v in vals)
+
+def typed_final_answer(r: dict  # a trajectory record (teacher run or `evaluate`): its steps, or its `trajectory`'s
+                      ) -> bool:
+    "Whether the final action passes a literal to `final_answer` (`final_answer(22)`, `x = -3; final_answer(x)`): worked out in the thought, typed, not computed in code."
+    steps = r.get('steps') if isinstance(r.get('steps'), list) else (r.get('trajectory') or {}).get('steps') or []
+    final = [s for s in steps if s.get('is_final')]
+    arg, tree = _final_answer_arg(final[-1].get('code')) if final else (None, None)
+    return arg is not None and _is_literal(arg, tree)
+
+
+# %% ../nbs/08_teacher.ipynb #6c81a170
+@functools.lru_cache(maxsize=4)
+def _types_cached(seed: int) -> dict: return _question_types(seed)
+
+def needs_computing(r: dict,      # a record with `source`, `id`, `domain`
+                    seed: int = 0  # the world benchmark's seed
+                   ) -> bool:
+    "Whether a question's answer must be worked out from numbers: any math question, or a world arithmetic one (not a looked-up year)."
+    return r.get('domain') == 'math' or (r.get('source') == 'world' and _types_cached(seed).get(r.get('id')) == 'arithmetic')
+
+
+# %% ../nbs/08_teacher.ipynb #06d01c68
 def _pct(xs) -> float:
     "Percentage of true items (NaN for none)."
     return 100 * sum(map(bool, xs)) / len(xs) if xs else float('nan')
@@ -231,9 +260,9 @@ def _pattern_row(mode: str, dom: str, rs: list, kinds: dict) -> dict:
             'a step did not parse': _pct([r['parse_failures'] for r in rs]),
             'code raised': _pct([r['code_errors'] for r in rs]),
             'no retrieval': _pct([r['retrieval_calls'] == 0 for r in rs]) if dom == 'fact' else float('nan'),
-            'arithmetic: constant answer': _pct([_constant_answer(r) for r in arith]),
-            'arithmetic: constant answer, right': _pct([record_correct(r) for r in arith if _constant_answer(r)]),
-            'arithmetic: computed in code, right': _pct([record_correct(r) for r in arith if not _constant_answer(r)])}
+            'arithmetic: constant answer': _pct([typed_final_answer(r) for r in arith]),
+            'arithmetic: constant answer, right': _pct([record_correct(r) for r in arith if typed_final_answer(r)]),
+            'arithmetic: computed in code, right': _pct([record_correct(r) for r in arith if not typed_final_answer(r)])}
 
 # %% ../nbs/08_teacher.ipynb #4f8e13f7
 def failure_patterns(out_dir='runs/cpu/teacher',  # a `run_teacher` folder
