@@ -236,8 +236,19 @@ def train(data: str,                      # teacher JSONL file(s) (comma-separat
                       gradient_checkpointing=gradient_checkpointing, seed=seed)
     lora = False if full_finetune else default_lora(r=lora_r, lora_alpha=lora_alpha)
     res = train_student(base, sft, lora=lora, config=cfg, tokenizer=tok)
+    _card(data, out_dir, {k: v for k, v in locals().items() if k in _TRAIN_DEFAULTS and v != _TRAIN_DEFAULTS[k]})
     print(res)
     return res
+
+def _card(data: str, out_dir: str, changed: dict):
+    "The run card (README.md and settings' `regenerate`) with the `agent-distill train` command that reruns it."
+    from agent_distillation.distill import write_run_card
+    flags = ' '.join(f'--{k}' if v is True else f'--{k} {v}' for k, v in changed.items() if v is not False)
+    write_run_card(out_dir, f'agent-distill train {data} {out_dir} {flags}'.strip())
+
+# %% ../nbs/12_cli.ipynb #b2507b88
+import inspect
+_TRAIN_DEFAULTS = {k: v.default for k, v in inspect.signature(train).parameters.items() if k not in ('data', 'out_dir')}
 
 # %% ../nbs/12_cli.ipynb #0c8f1953
 def load_examples(name: str,   # 'world', 'world_validation', 'math_validation', or a `load_benchmark` name
