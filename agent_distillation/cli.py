@@ -42,7 +42,8 @@ def resolve_adapter(adapter: str | None  # a LoRA (or full fine-tuning) run fold
         if (p/'adapter_config.json').exists() or s.get('finished'):
             if (p/'adapter_model.safetensors').exists(): return p
             regen = s.get('regenerate', 'make students')
-            raise FileNotFoundError(f"{p} has the adapter's settings but not its weights (adapters over 10 MB are not committed); "
+            raise FileNotFoundError(f"{p} has the run's settings but not its weights (adapters over 10 MB and fully fine-tuned "
+                                    "models are not committed); "
                                     f"regenerate them with: {regen}")
     raise FileNotFoundError(f"No LoRA adapter at {adapter!r} (no adapter_config.json there or under {_repo_root()}): "
                             "train one with `agent-distill train`, or pass --adapter none to use the base model")
