@@ -12,9 +12,9 @@ from .core import seed_everything, read_jsonl, load_json
 
 # %% auto #0
 __all__ = ['STUDENTS', 'DEFAULT_STUDENT', 'FAST_STUDENT', 'ENGINES', 'METHODS', 'PROFILES', 'PAPER_STAGES', 'COMMANDS',
-           'resolve_adapter', 'resolve_engine', 'load_lm', 'make_retriever', 'format_trajectory', 'ask', 'load_records',
-           'export', 'train', 'load_examples', 'make_method', 'evaluate', 'reproduce', 'teacher_method',
-           'table_factories', 'table_settings', 'reproduce_table', 'PaperScale', 'lora_module_names',
+           'resolve_adapter', 'resolve_engine', 'load_lm', 'resolve_device', 'make_retriever', 'format_trajectory',
+           'ask', 'load_records', 'export', 'train', 'load_examples', 'make_method', 'evaluate', 'reproduce',
+           'teacher_method', 'table_factories', 'table_settings', 'reproduce_table', 'PaperScale', 'lora_module_names',
            'vllm_serve_command', 'reproduce_paper', 'serve_retriever', 'teacher', 'build_parser', 'main']
 
 # %% ../nbs/12_cli.ipynb #f8272024
@@ -68,8 +68,10 @@ def resolve_engine(base: str,           # the student's base model
 def load_lm(base: str,                    # registry name, local folder or hub id
             adapter: str | None = None,   # LoRA run folder (merged into the weights), a full fine-tuning run folder, or None/'none'
             engine: str = 'auto',         # 'transformers' (`PrefixCacheLM`, batched in-process), 'llama.cpp' (`serving.StudentServer`) or 'auto' (`resolve_engine`)
-            parallel: int = 16):          # llama.cpp: slots, i.e. conversations in flight
-    "The student as a model: `PrefixCacheLM` with the adapter merged, or an `OpenAILM` on llama-server; unknown models fail before anything loads."
+            parallel: int = 16,           # conversations in flight: llama.cpp slots, or the in-process engine's batch rows
+            device: str = 'auto'):        # in-process engine: 'cpu', 'cuda', ... or 'auto' (CUDA when torch sees a GPU)
+    """The student as a model: `PrefixCacheLM` with the adapter merged, or an `OpenAILM` on llama-server; unknown models
+    fail before anything loads. Raises `ValueError` for an unknown model, a full run on llama.cpp or an unusable `device`."""
     from agent_distillation.rollouts import PrefixCacheLM
     from agent_distillation.registry import load_tokenizer, OFFLINE_MODELS
     path = resolve_adapter(adapter)
@@ -80,8 +82,17 @@ def load_lm(base: str,                    # registry name, local folder or hub i
     if full and engine == 'llama.cpp': raise ValueError(f"{path} is a fully fine-tuned model: run it with --engine transformers (llama.cpp serves LoRA adapters here)")
     engine = 'transformers' if full else resolve_engine(base, engine)
     if engine == 'llama.cpp': return _served_lm(base, path, parallel)
-    if path is None: return PrefixCacheLM(base)
-    return PrefixCacheLM(load_student(base, path), load_tokenizer(base))
+    dev = resolve_device(device)
+    if path is None: return PrefixCacheLM(base, max_batch=parallel, device=dev)
+    return PrefixCacheLM(load_student(base, path).to(dev), load_tokenizer(base), max_batch=parallel)
+
+def resolve_device(device: str = 'auto') -> str:
+    "'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; any other name is checked (`ValueError` if torch cannot use it)."
+    import torch
+    if device in (None, 'auto'): return 'cuda' if torch.cuda.is_available() else 'cpu'
+    try: torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err: raise ValueError(f"device {device!r} is not usable here: {err}") from None
+    return device
 
 def _served_lm(base: str, path, parallel: int):
     "An `OpenAILM` on a started `StudentServer`; closing the model stops the server (which also dies with this process)."
@@ -273,7 +284,7 @@ METHODS = ('cot_prompting', 'cot_distill', 'cot_distill_rag', 'agent_prompting',
 
 def make_method(name: str, base: str, adapter: str, cot_adapter: str, corpus: str = 'world', sag_n: int = 8,
                 max_steps: int = 5, max_new_tokens: int = 384, cot_max_new_tokens: int = 512, seed: int = 0, _lms: dict = None,
-                ftp_adapter: str | None = None, engine: str = 'auto'):
+                ftp_adapter: str | None = None, engine: str = 'auto', device: str = 'auto', batch_size: int = 16):
     "One of `METHODS` for a student (its base model; agent, CoT and FTP adapters) as an `evaluate` method."
     from agent_distillation.evaluate import AgentMethod, CoTMethod
     from agent_distillation.retriever import make_retrieve_tool
@@ -281,15 +292,16 @@ def make_method(name: str, base: str, adapter: str, cot_adapter: str, corpus: st
     if name not in METHODS: raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     if 'ftp' in name and not ftp_adapter: raise ValueError(f"{name} needs an FTP-distilled adapter (--ftp_adapter); this student has none")
     lms = {} if _lms is None else _lms
-    lm = lambda a: lms[(base, a)] if (base, a) in lms else lms.setdefault((base, a), load_lm(base, a, engine))  # each loads once
+    lm = lambda a: lms[(base, a)] if (base, a) in lms else lms.setdefault((base, a), load_lm(base, a, engine, batch_size, device))  # each loads once
     if name.startswith('cot'):
         a = 'none' if name == 'cot_prompting' else cot_adapter
-        m = CoTMethod(lm(a), make_retriever(corpus, seed) if name.endswith('rag') else None, name=name, max_new_tokens=cot_max_new_tokens)
+        m = CoTMethod(lm(a), make_retriever(corpus, seed) if name.endswith('rag') else None, name=name, max_new_tokens=cot_max_new_tokens,
+                      batch_size=batch_size)
     else:
         tool = make_retrieve_tool(make_retriever(corpus, seed))
         a = 'none' if name == 'agent_prompting' else ftp_adapter if 'ftp' in name else adapter
         m = AgentMethod(lm(a), lambda: Sandbox(tools=[tool]), student=name != 'agent_prompting', sag=name.endswith('sag'),
-                        n=sag_n, name=name, max_steps=max_steps, max_new_tokens=max_new_tokens)
+                        n=sag_n, name=name, max_steps=max_steps, max_new_tokens=max_new_tokens, batch_size=batch_size)
     if _lms is None:  # the method owns its model: closing it also stops a llama.cpp server it started
         close = m.close
         def _close():
@@ -312,6 +324,8 @@ def evaluate(methods: str = 'agent_distill,cot_distill',  # comma-separated `MET
              max_new_tokens: int = 384,                   # tokens per agent step
              cot_max_new_tokens: int = 512,               # tokens per CoT answer
              engine: str = 'auto',                        # 'auto', 'transformers' or 'llama.cpp' (see `resolve_engine`)
+             device: str = 'auto',                        # in-process engine: 'cpu', 'cuda' or 'auto' (CUDA when torch sees a GPU)
+             batch_size: int = 16,                        # conversations in flight (llama.cpp slots / in-process batch rows)
              teacher_model: str = 'qwen2.5-coder-1.5b-instruct',  # the teacher_* methods' model (llama-server, the teacher run's settings)
              plot: bool = False,                          # also save a bar plot next to `out`
              seed: int = 0):
@@ -326,7 +340,8 @@ def evaluate(methods: str = 'agent_distill,cot_distill',  # comma-separated `MET
     frames = []
     for name in names:
         with (_teacher_as(name, teacher_model, corpus, seed) if name.startswith('teacher_') else
-              make_method(name, base, adapter, cot_adapter, corpus, sag_n, max_steps, max_new_tokens, cot_max_new_tokens, seed, lms, engine=engine)) as m:
+              make_method(name, base, adapter, cot_adapter, corpus, sag_n, max_steps, max_new_tokens, cot_max_new_tokens, seed, lms, engine=engine,
+                          device=device, batch_size=batch_size)) as m:
             frames.append(run_eval(m, exs, out=out))
     _stop_served(*lms.values())
     t = results_table(*frames)
