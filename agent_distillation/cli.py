@@ -69,7 +69,8 @@ def load_lm(base: str,                    # registry name, local folder or hub i
             adapter: str | None = None,   # LoRA run folder (merged into the weights), a full fine-tuning run folder, or None/'none'
             engine: str = 'auto',         # 'transformers' (`PrefixCacheLM`, batched in-process), 'llama.cpp' (`serving.StudentServer`) or 'auto' (`resolve_engine`)
             parallel: int = 16,           # conversations in flight: llama.cpp slots, or the in-process engine's batch rows
-            device: str = 'auto'):        # in-process engine: 'cpu', 'cuda', ... or 'auto' (CUDA when torch sees a GPU)
+            device: str = 'auto'):        # in-process engine: 'cpu', 'cuda', ... or 'auto' (CUDA when torch sees a GPU);
+                                          # naming an accelerator makes engine 'auto' pick the in-process engine
     """The student as a model: `PrefixCacheLM` with the adapter merged, or an `OpenAILM` on llama-server; unknown models
     fail before anything loads. Raises `ValueError` for an unknown model, a full run on llama.cpp or an unusable `device`."""
     from agent_distillation.rollouts import PrefixCacheLM
@@ -80,6 +81,8 @@ def load_lm(base: str,                    # registry name, local folder or hub i
     from agent_distillation.distill import load_student, is_full_run
     full = path is not None and is_full_run(path)
     if full and engine == 'llama.cpp': raise ValueError(f"{path} is a fully fine-tuned model: run it with --engine transformers (llama.cpp serves LoRA adapters here)")
+    if engine == 'auto' and device not in (None, 'auto', 'cpu'): engine = 'transformers'  # an accelerator asked for: in-process
+    if engine == 'llama.cpp' and device not in (None, 'auto', 'cpu'): raise ValueError(f"device {device!r} is for the in-process engine; llama-server here runs on the CPU: use --engine transformers")
     engine = 'transformers' if full else resolve_engine(base, engine)
     if engine == 'llama.cpp': return _served_lm(base, path, parallel)
     dev = resolve_device(device)

@@ -10,7 +10,9 @@ questions it trained on (a fit check). Recipes run side by side, one process eac
     python runs/gpu/recipes-135m/sweep.py one r16-e2      # one recipe: train (resumable), then score (resumable)
     python runs/gpu/recipes-135m/sweep.py table           # the summary (summary.json + a markdown table)
 
-Works on a CPU too (`--device cpu`, one recipe at a time: hours); made for a lent GPU, where it takes minutes.
+`--device` is where scoring runs; training runs on CUDA whenever torch sees a GPU (the `Trainer`'s choice). Works on a
+CPU too (`--device cpu`, one recipe at a time: hours); made for a lent GPU, where it takes minutes. Records are written
+as questions finish (64 in flight), so a cut run holds the questions that finished, not a prefix of the split.
 """
 import argparse, hashlib, json, os, random, subprocess, sys, time
 from pathlib import Path
@@ -55,8 +57,8 @@ def one(name: str, device: str, batch_size: int, smoke: bool = False):
     t1 = time.time()
     val = load_examples('world_validation', 2 if smoke else None) + load_examples('math_validation', 1 if smoke else None)
     with make_method('agent_distill', BASE, str(out), 'none', engine='transformers', device=device, batch_size=batch_size) as m:
+        run_eval(m, train_questions()[:2 if smoke else None], out=str(HERE/f'{name}.train.jsonl'))  # the fit check first: short
         run_eval(m, val, out=str(HERE/f'{name}.validation.jsonl'))
-        run_eval(m, train_questions()[:2 if smoke else None], out=str(HERE/f'{name}.train.jsonl'))
     (HERE/f'{name}.times.json').write_text(json.dumps(dict(train_s=round(t1 - t0, 1), score_s=round(time.time() - t1, 1),
                                                           device=device, batch_size=batch_size)))
 
@@ -65,12 +67,12 @@ def run_all(device: str, batch_size: int, names, smoke: bool = False):
     "Every recipe in its own process, side by side; logs in <name>.log."
     procs = {n: subprocess.Popen([sys.executable, __file__, 'one', n, '--device', device, '--batch_size', str(batch_size)]
                                  + (['--smoke'] if smoke else []),
-                                 stdout=open(HERE/f'{n}.log', 'w'), stderr=subprocess.STDOUT) for n in names}
+                                 stdout=open(HERE/f'{n}.log', 'a'), stderr=subprocess.STDOUT) for n in names}
     for n, p in procs.items(): print(n, 'exit', p.wait(), flush=True)
 
 
 def _acc(path: Path, world=None):
-    "Accuracy (%) and count of a records file's `acc` (`scoring.is_correct`); world=True/False: world / MATH records only."
+    "Accuracy (%) and count of a records file's `acc` (`scoring.is_correct`); world=True/False: world / other (MATH) records."
     rs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
     rs = [r for r in rs if world is None or (r.get('source') == 'world') == world]
     return (round(100 * sum(r['acc'] for r in rs) / len(rs), 1), len(rs)) if rs else (None, 0)
@@ -83,23 +85,21 @@ def table():
         d = HERE/n
         if not (d/'settings.json').exists(): continue
         s = json.loads((d/'settings.json').read_text())
-        weights = d/'adapter_model.safetensors' if (d/'adapter_model.safetensors').exists() else d/'model.safetensors'
         times = json.loads((HERE/f'{n}.times.json').read_text()) if (HERE/f'{n}.times.json').exists() else {}
         w, nw = _acc(HERE/f'{n}.validation.jsonl', True); m, nm = _acc(HERE/f'{n}.validation.jsonl', False)
         t, nt = _acc(HERE/f'{n}.train.jsonl')
+        log = [json.loads(l) for l in (d/'train_log.jsonl').read_text().splitlines() if '"loss"' in l]
+        last = [r['loss'] for r in log if r['epoch'] > max(r['epoch'] for r in log) - 1 + 1e-9] if log else []
         rows[n] = dict(validation_world=w, n_world=nw, validation_math=m, n_math=nm, train_questions=t, n_train=nt,
-                       first_loss=s.get('first_loss'), final_loss=s.get('final_loss'), steps=s.get('steps'),
-                       examples=s.get('dataset', {}).get('examples'), tokens_per_s=s.get('tokens_per_s'), finished=s.get('finished'), **times,
-                       weights_sha256=hashlib.sha256(weights.read_bytes()).hexdigest() if weights.exists() else None,
-                       weights_mb=round(weights.stat().st_size / 2**20, 1) if weights.exists() else None)
-    import torch, transformers, peft
-    env = dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
-               device=torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu',
-               date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
-               data=str(DATA.relative_to(ROOT)), data_sha256=hashlib.sha256(DATA.read_bytes()).hexdigest(), base=BASE,
-               configs={k: ' '.join(v) for k, v in CONFIGS.items()})
+                       first_loss=s.get('first_loss'), final_loss=s.get('final_loss'),
+                       last_epoch_loss=round(sum(last) / len(last), 3) if last else None, steps=s.get('steps'),
+                       examples=s.get('dataset', {}).get('examples'), tokens_per_s=s.get('tokens_per_s'), finished=s.get('finished'),
+                       device=s.get('derived', {}).get('device'), versions=s.get('versions'), trained=s.get('sessions'), **times,
+                       weights_sha256=s.get('adapter', {}).get('sha256'), weights_mb=round(s.get('adapter', {}).get('bytes', 0) / 1e6, 1))
+    env = dict(data=str(DATA.relative_to(ROOT)), data_sha256=hashlib.sha256(DATA.read_bytes()).hexdigest(), base=BASE,
+               configs={k: ' '.join(v) for k, v in CONFIGS.items()}, summarized=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))
     (HERE/'summary.json').write_text(json.dumps(dict(env=env, rows=rows), indent=1))
-    cols = ['validation_world', 'validation_math', 'train_questions', 'first_loss', 'final_loss', 'steps', 'tokens_per_s', 'train_s', 'score_s', 'weights_mb']
+    cols = ['validation_world', 'validation_math', 'train_questions', 'last_epoch_loss', 'steps', 'tokens_per_s', 'train_s', 'score_s', 'weights_mb']
     print('| recipe | ' + ' | '.join(cols) + ' |\n|' + '---|' * (len(cols) + 1))
     for n, r in rows.items(): print(f'| {n} | ' + ' | '.join(str(r.get(c)) for c in cols) + ' |')
     return rows
@@ -116,6 +116,7 @@ if __name__ == '__main__':
     a = ap.parse_args()
     if a.smoke: HERE = HERE/'smoke'; HERE.mkdir(exist_ok=True)
     if a.what == 'prep': prep()
+    elif a.what == 'one' and not a.name: ap.error('`one` needs a recipe name')
     elif a.what == 'one': one(a.name, a.device, a.batch_size, a.smoke)
     elif a.what == 'all': run_all(a.device, a.batch_size, a.only.split(','), a.smoke); table()
     else: table()
