@@ -66,13 +66,14 @@ def resolve_engine(base: str,           # the student's base model
     return 'llama.cpp'
 
 def load_lm(base: str,                    # registry name, local folder or hub id
-            adapter: str | None = None,   # LoRA run folder (merged into the weights), a full fine-tuning run folder, or None/'none'
+            adapter: str | None = None,   # LoRA run folder (merged into the weights), a full fine-tuning run folder (served as
+                                          # its own bf16 GGUF on llama.cpp), or None/'none'
             engine: str = 'auto',         # 'transformers' (`PrefixCacheLM`, batched in-process), 'llama.cpp' (`serving.StudentServer`) or 'auto' (`resolve_engine`)
             parallel: int = 16,           # conversations in flight: llama.cpp slots, or the in-process engine's batch rows
             device: str = 'auto'):        # in-process engine: 'cpu', 'cuda', ... or 'auto' (CUDA when torch sees a GPU);
                                           # naming an accelerator makes engine 'auto' pick the in-process engine
     """The student as a model: `PrefixCacheLM` with the adapter merged, or an `OpenAILM` on llama-server; unknown models
-    fail before anything loads. Raises `ValueError` for an unknown model, a full run on llama.cpp or an unusable `device`."""
+    fail before anything loads. Raises `ValueError` for an unknown model or an unusable `device`."""
     from agent_distillation.rollouts import PrefixCacheLM
     from agent_distillation.registry import load_tokenizer, OFFLINE_MODELS
     path = resolve_adapter(adapter)
@@ -80,10 +81,10 @@ def load_lm(base: str,                    # registry name, local folder or hub i
         raise ValueError(f"Unknown model {base!r}: use a registry name ({', '.join(OFFLINE_MODELS)}), a local folder or a hub id (org/name)")
     from agent_distillation.distill import load_student, is_full_run
     full = path is not None and is_full_run(path)
-    if full and engine == 'llama.cpp': raise ValueError(f"{path} is a fully fine-tuned model: run it with --engine transformers (llama.cpp serves LoRA adapters here)")
     if engine == 'auto' and device not in (None, 'auto', 'cpu'): engine = 'transformers'  # an accelerator asked for: in-process
     if engine == 'llama.cpp' and device not in (None, 'auto', 'cpu'): raise ValueError(f"device {device!r} is for the in-process engine; llama-server here runs on the CPU: use --engine transformers")
-    engine = 'transformers' if full else resolve_engine(base, engine)
+    # a full run on 'auto': in-process until llama.cpp's bf16 answers are shown to agree (llama.cpp on request: `serving.hf_to_gguf`)
+    engine = 'transformers' if full and engine == 'auto' else resolve_engine(base, engine)
     if engine == 'llama.cpp': return _served_lm(base, path, parallel)
     dev = resolve_device(device)
     if path is None: return PrefixCacheLM(base, max_batch=parallel, device=dev)

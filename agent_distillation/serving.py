@@ -11,7 +11,7 @@ from .registry import gguf_path, model_dir, OFFLINE_MODELS
 from .models import LlamaServer, OpenAILM
 
 # %% auto #0
-__all__ = ['llama_cpp_dir', 'lora_to_gguf', 'StudentServer']
+__all__ = ['llama_cpp_dir', 'lora_to_gguf', 'hf_to_gguf', 'StudentServer']
 
 # %% ../nbs/09b_serving.ipynb #4ab977f5
 def _first_llama_cpp(cands) -> Path | None:
@@ -51,18 +51,47 @@ def lora_to_gguf(adapter_dir,              # a PEFT run folder (adapter_config.j
     os.replace(tmp, out)
     return out
 
+# %% ../nbs/09b_serving.ipynb #212e3128
+def hf_to_gguf(model_dir,               # an HF model folder: config.json, *.safetensors, the tokenizer (a full fine-tuning run folder)
+               outtype: str = 'bf16',   # 'bf16', 'f16', 'f32' or 'q8_0'
+               out=None                 # output file (default: cached by the weights' sha256)
+              ) -> Path:
+    "The whole model converted to one llama.cpp GGUF file (cached); `FileNotFoundError` if the folder holds no model, `RuntimeError` with the converter's output on failure."
+    d = Path(model_dir)
+    weights = sorted(d.glob('*.safetensors'))
+    if not (d/'config.json').exists() or not weights: raise FileNotFoundError(f'{d} holds no HF model (config.json + *.safetensors)')
+    h = hashlib.sha256()
+    for w in weights:
+        with open(w, 'rb') as f:
+            for chunk in iter(lambda: f.read(1 << 24), b''): h.update(chunk)
+    out = Path(out) if out else cache_path('gguf-full')/f'{h.hexdigest()[:16]}-{outtype}.gguf'
+    if out.exists(): return out
+    tmp = out.with_name(f'.{out.name}.{os.getpid()}.tmp')
+    cmd = [sys.executable, str(llama_cpp_dir()/'convert_hf_to_gguf.py'), str(d), '--outtype', outtype, '--outfile', str(tmp)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {'HF_HUB_OFFLINE': '1'})
+    if r.returncode != 0 or not tmp.exists():
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f'convert_hf_to_gguf failed (exit {r.returncode}):\n{r.stderr[-3000:]}')
+    os.replace(tmp, out)
+    return out
+
 # %% ../nbs/09b_serving.ipynb #8774e871
 class StudentServer(LlamaServer):
-    "llama-server running a registry base model's GGUF with a LoRA adapter applied at run time (a context manager)."
+    "llama-server running a registry base model's GGUF with a LoRA adapter applied at run time, or a fully fine-tuned run as its own GGUF (a context manager)."
     def __init__(self, base: str,                 # registry name of the base model (its GGUF is what runs)
-                 adapter_dir=None,                # PEFT run folder (None: the base model alone)
+                 adapter_dir=None,                # PEFT run folder, a full fine-tuning run folder, or None (the base model alone)
                  parallel: int = 8,               # slots = conversations in flight
                  n_ctx: int = 4096,               # context per slot
                  binary: str | None = None,       # llama-server binary (default: $LLAMA_SERVER or PATH)
                  **kw):                           # more `LlamaServer` options (threads, port, args)
-        if base not in OFFLINE_MODELS: raise ValueError(f'{base!r} is not a registry model with a GGUF: llama.cpp serves registry models')
-        lora = ('--lora', str(lora_to_gguf(adapter_dir, base))) if adapter_dir else ()
-        super().__init__(base, model=Path(adapter_dir).name if adapter_dir else base, n_ctx=n_ctx, parallel=parallel, binary=binary,
+        if base not in OFFLINE_MODELS and base != 'tiny-random':
+            raise ValueError(f'{base!r} is not a registry model with a GGUF: llama.cpp serves registry models')
+        from agent_distillation.distill import is_full_run
+        full = adapter_dir is not None and is_full_run(adapter_dir)
+        if base == 'tiny-random' and not full: raise ValueError("'tiny-random' has no GGUF of its own: serve it as a full run folder")
+        gguf = hf_to_gguf(adapter_dir) if full else base  # a fully fine-tuned student runs as its own GGUF
+        lora = ('--lora', str(lora_to_gguf(adapter_dir, base))) if adapter_dir and not full else ()
+        super().__init__(gguf, model=Path(adapter_dir).name if adapter_dir else base, n_ctx=n_ctx, parallel=parallel, binary=binary,
                          args=tuple(kw.pop('args', ())) + lora, **kw)
         self.base, self.adapter_dir = base, adapter_dir
 

@@ -203,7 +203,7 @@ def test_empty_dataset_is_an_error(tmp_path):
     assert not (tmp_path/'run'/'settings.json').exists()
 
 def test_full_finetune_trains_every_weight_and_loads_like_an_adapter(short, tiny, tmp_path):
-    "lora=False: float32 training of all weights; the run folder is a model `load_student` and `cli.load_lm` take; llama.cpp refuses it clearly."
+    "lora=False: float32 training of all weights; the run folder is a model `load_student`, `cli.load_lm` and llama-server (as GGUF) take."
     from agent_distillation.distill import is_full_run, TrainResult
     from agent_distillation.cli import load_lm
     out = tmp_path/'full'
@@ -218,7 +218,14 @@ def test_full_finetune_trains_every_weight_and_loads_like_an_adapter(short, tiny
     assert train_student('tiny-random', short, lora=False, out_dir=str(out), batch_size=2, max_steps=2, lr=1e-3, save_steps=1) == res
     lm = load_lm('tiny-random', str(out))
     assert type(lm).__name__ == 'PrefixCacheLM'
-    with pytest.raises(ValueError, match='fully fine-tuned'): load_lm('tiny-random', str(out), engine='llama.cpp')
+    from agent_distillation.models import llama_server_backend
+    if llama_server_backend() not in (None, 'python'):  # `make test` builds llama-server: the run served as its own bf16 GGUF
+        served = load_lm('tiny-random', str(out), engine='llama.cpp', parallel=1)
+        try:
+            assert type(served).__name__ == 'OpenAILM' and served.server.gguf.suffix == '.gguf' and '--lora' not in served.server.args
+            [[text]] = served.generate([[{'role': 'user', 'content': 'Say hi.'}]], max_new_tokens=4)
+            assert isinstance(text, str)
+        finally: served.close()
     with pytest.raises(ValueError, match="fine-tuned from 'tiny-random'"): load_lm('smollm2-135m-instruct', str(out))
     with pytest.raises(ValueError, match='other settings'):  # the same folder asked for LoRA is not the finished full run
         train_student('tiny-random', short, lora=default_lora(r=4, lora_alpha=8), out_dir=str(out), batch_size=2, max_steps=2,
