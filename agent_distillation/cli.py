@@ -208,22 +208,6 @@ def export(records: str,              # teacher JSONL file(s), comma-separated
     print(f'{len(ds)} trajectories -> {out}' + (f' and {push_to_hub}' if push_to_hub else ''))
     return ds
 
-# %% ../nbs/12_cli.ipynb #8c4f41d3
-def _sft_data(tok, recs: list[dict], kind: str, max_len: int, drop_typed: bool = False):
-    "Masked SFT examples from records: teacher JSONL (filtered; `drop_typed`: minus `distill.typed_answer` ones) or chats (`messages`), agent or CoT."
-    from agent_distillation.distill import build_sft_dataset, build_cot_dataset, _teacher_prompt_parts, typed_answer
-    from agent_distillation.teacher import filter_trajectories
-    if drop_typed and not (kind == 'agent' and 'steps' in recs[0]):
-        raise ValueError('drop_typed filters teacher agent trajectories (JSONL with steps); these records are not')
-    if kind == 'cot' and 'cot' in recs[0]: return build_cot_dataset(tok, recs, max_len)
-    if kind == 'agent' and 'steps' in recs[0]:  # teacher JSONL: keep the correct ones
-        kept = filter_trajectories(recs)[0]
-        recs = [r for r in kept if not (drop_typed and typed_answer(r))]
-        if drop_typed: print(f'drop_typed: {len(kept) - len(recs)} of {len(kept)} kept trajectories typed an answer they should compute and are left out')
-    chats = [r['messages'] for r in recs]
-    teacher = kind == 'agent' and all(c and c[0]['role'] == 'system' and _teacher_prompt_parts(c[0]['content']) for c in chats)
-    return build_sft_dataset(tok, chats, max_len, student_prompt=teacher)  # teacher prompts become the student's short one
-
 # %% ../nbs/12_cli.ipynb #01b0f36f
 def train(data: str,                      # teacher JSONL file(s) (comma-separated), a `datasets` folder, or a hub dataset id
           out_dir: str,                   # run folder: adapter, train_log.jsonl, settings.json, loss.png (resumable)
@@ -242,11 +226,11 @@ def train(data: str,                      # teacher JSONL file(s) (comma-separat
           save_steps: int = 25,           # checkpoint every N steps
           seed: int = 0):
     "LoRA- (or fully) fine-tune a student on teacher trajectories (agent) or CoT answers (cot), loss on the assistant turns only."
-    from agent_distillation.distill import TrainConfig, default_lora, train_student
+    from agent_distillation.distill import TrainConfig, default_lora, train_student, sft_examples
     from agent_distillation.registry import load_tokenizer
     if kind not in ('agent', 'cot'): raise ValueError(f"kind must be 'agent' or 'cot', got {kind!r}")
     recs, tok = load_records(data), load_tokenizer(base)
-    sft, stats = _sft_data(tok, recs, kind, max_len, drop_typed)
+    sft, stats = sft_examples(tok, recs, kind, max_len, drop_typed)
     print(f'{kind} SFT data: {dict(stats)}')
     cfg = TrainConfig(out_dir=out_dir, epochs=epochs, lr=lr, batch_size=batch_size, max_steps=max_steps, save_steps=save_steps,
                       gradient_checkpointing=gradient_checkpointing, seed=seed)

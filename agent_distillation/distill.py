@@ -14,7 +14,7 @@ from .core import append_jsonl, read_jsonl, write_jsonl, save_json, load_json, s
 from .prompts import TEACHER_SYSTEM, STUDENT_SYSTEM, DEFAULT_IMPORTS, student_system_prompt, cot_messages
 
 # %% auto #0
-__all__ = ['LLAMA3_TEMPLATE', 'MISTRAL_TEMPLATE', 'assistant_spans', 'build_sft_example', 'show_mask', 'synthetic_trajectories', 'to_student_messages', 'build_sft_dataset', 'cot_sft_messages', 'build_cot_dataset', 'collate_padded', 'collate_packed', 'SimilarLengthSampler', 'padding_waste', 'TrainConfig', 'default_lora', 'sft_loss', 'plot_loss', 'TrainResult', 'train_student', 'is_full_run', 'adapter_info', 'load_student', 'merge_adapter', 'students_report', 'plot_students', 'ACCELERATE_CONFIGS', 'typed_answer', 'train_from_jsonl', 'write_run_card', 'main', 'write_accelerate_config', 'bench_batching']
+__all__ = ['LLAMA3_TEMPLATE', 'MISTRAL_TEMPLATE', 'assistant_spans', 'build_sft_example', 'show_mask', 'synthetic_trajectories', 'to_student_messages', 'build_sft_dataset', 'cot_sft_messages', 'build_cot_dataset', 'collate_padded', 'collate_packed', 'SimilarLengthSampler', 'padding_waste', 'TrainConfig', 'default_lora', 'sft_loss', 'plot_loss', 'TrainResult', 'train_student', 'is_full_run', 'adapter_info', 'load_student', 'merge_adapter', 'students_report', 'plot_students', 'ACCELERATE_CONFIGS', 'typed_answer', 'sft_examples', 'train_from_jsonl', 'write_run_card', 'main', 'write_accelerate_config', 'bench_batching']
 
 # %% ../nbs/09_distill.ipynb #eb362be6
 def _render(tok, messages, **kw) -> str:
@@ -578,18 +578,39 @@ def typed_answer(r: dict  # a teacher trajectory record (source, id, domain, ste
     return needs_computing(r) and typed_final_answer(r)
 
 # %% ../nbs/09a_distill_at_scale.ipynb #aecc2a03
-def _sft_data(records: str, kind: str, tok, max_len: int, drop_typed: bool = False) -> list[dict]:
-    "SFT examples from teacher JSONL file(s): the kept trajectories ('agent'; `drop_typed`: minus `typed_answer` ones) or the correct CoT answers ('cot')."
+def sft_examples(tok,                      # the student's tokenizer
+                 recs: list[dict],         # teacher JSONL rows, or chats with a `messages` column (TRL's conversational format)
+                 kind: str = 'agent',      # 'agent' (trajectories) or 'cot' (CoT-distillation answers)
+                 max_len: int = 4096,      # tokens per example (longer: cut at a turn end or dropped)
+                 drop_typed: bool = False  # agent: leave out the kept trajectories `typed_answer` flags
+                ) -> tuple[list[dict], Counter]:
+    """The one place records become masked SFT examples, for both training entry points (`train_from_jsonl` here,
+    `agent-distill train`). Teacher rows: agent keeps the correct, parsed trajectories (`filter_trajectories`) under the
+    student's short prompt; cot keeps the correct CoT answers. Chats train as given (a teacher system prompt is swapped for
+    the student's). `ValueError` for an unknown kind, no records, or `drop_typed` on records that are not teacher agent rows."""
     from agent_distillation.teacher import filter_trajectories
-    recs = [r for p in records.split(',') for r in read_jsonl(p.strip())]
-    if kind == 'agent':
+    if kind not in ('agent', 'cot'): raise ValueError(f"kind must be 'agent' or 'cot', got {kind!r}")
+    if not recs: raise ValueError('no records to train on')
+    agent_rows, cot_rows = 'steps' in recs[0], 'cot' in recs[0] and 'steps' not in recs[0]
+    if drop_typed and not (kind == 'agent' and agent_rows):
+        raise ValueError('drop_typed filters teacher agent trajectories (JSONL with steps); these records are not')
+    if (kind, agent_rows, cot_rows) in (('cot', True, False), ('agent', False, True)):
+        raise ValueError(f"kind={kind!r} needs the teacher's {kind} records ({kind}.jsonl); these are its "
+                         f"{'agent trajectories' if agent_rows else 'CoT answers'}")
+    if kind == 'cot' and cot_rows: return build_cot_dataset(tok, recs, max_len)
+    if kind == 'agent' and agent_rows:
         kept = filter_trajectories(recs)[0]
-        if drop_typed:
-            n = len(kept); kept = [r for r in kept if not typed_answer(r)]
-            print(f'drop_typed: {n - len(kept)} of {n} kept trajectories typed a numeric answer and are left out')
-        data, stats = build_sft_dataset(tok, kept, max_len)
-    elif kind == 'cot': data, stats = build_cot_dataset(tok, recs, max_len)
-    else: raise ValueError(f"kind must be 'agent' or 'cot', got {kind!r}")
+        recs = [r for r in kept if not (drop_typed and typed_answer(r))]
+        if drop_typed: print(f'drop_typed: {len(kept) - len(recs)} of {len(kept)} kept trajectories typed a numeric answer and are left out')
+        return build_sft_dataset(tok, recs, max_len)  # the student's prompt replaces the teacher's
+    chats = [r['messages'] for r in recs]
+    teacher = kind == 'agent' and all(c and c[0]['role'] == 'system' and _teacher_prompt_parts(c[0]['content']) for c in chats)
+    return build_sft_dataset(tok, chats, max_len, student_prompt=teacher)
+
+def _sft_data(records: str, kind: str, tok, max_len: int, drop_typed: bool = False) -> list[dict]:
+    "`sft_examples` of teacher JSONL file(s) (comma-separated), their counts printed."
+    recs = [r for p in records.split(',') for r in read_jsonl(p.strip())]
+    data, stats = sft_examples(tok, recs, kind, max_len, drop_typed)
     print(f'{kind} SFT data: {dict(stats)}')
     return data
 

@@ -234,9 +234,8 @@ def test_full_finetune_trains_every_weight_and_loads_like_an_adapter(short, tiny
     assert students_report(tmp_path).loc['full', 'LoRA r'] == 'full'
 
 def test_drop_typed_leaves_out_typed_answers_to_computed_questions(tok):
-    "On the first teacher run's records: `drop_typed` removes exactly the kept trajectories `typed_answer` flags, in both entry points."
-    from agent_distillation.distill import typed_answer, _sft_data as distill_data
-    from agent_distillation.cli import _sft_data as cli_data
+    "On the first teacher run's records: `drop_typed` removes exactly the kept trajectories `typed_answer` flags (`sft_examples`, which both entry points use)."
+    from agent_distillation.distill import typed_answer, _sft_data as distill_data, sft_examples as cli_data
     from agent_distillation.teacher import filter_trajectories
     path = ROOT/'runs/cpu/teacher/agent.jsonl'
     kept = filter_trajectories(read_jsonl(path))[0]
