@@ -377,12 +377,14 @@ def reproduce(profile: str = 'quick',                  # 'quick': every stage on
               stages: str = 'teacher,train,evaluate',  # paper profile: which stages to run (each resumable)
               teacher_model: str = 'Qwen/Qwen2.5-32B-Instruct',  # paper profile: the teacher's model name on its server
               students: str = 'Qwen/Qwen2.5-0.5B-Instruct,Qwen/Qwen2.5-1.5B-Instruct,Qwen/Qwen2.5-3B-Instruct,Qwen/Qwen2.5-7B-Instruct',
-              n_test: int = None):                     # paper profile: questions per test benchmark (default: all)
+              n_test: int = None,                      # paper profile: questions per test benchmark (default: all)
+              device: str = 'auto',                    # cpu profile: where in-process students run ('cuda' on a GPU machine)
+              batch_size: int = 16):                   # cpu profile: conversations in flight per row
     "Run the pipeline end to end at one scale and print what each stage produced."
     from agent_distillation.retriever import make_retrieve_tool
     if profile not in PROFILES: raise ValueError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
     P, t0 = PROFILES[profile], time.time()
-    if profile == 'cpu': return reproduce_table(rows, out or P['out'], P['sag_n'], seed)
+    if profile == 'cpu': return reproduce_table(rows, out or P['out'], P['sag_n'], seed, device, batch_size)
     if profile == 'paper':
         cfg = PaperScale(teacher=teacher_model, students=tuple(s.strip() for s in students.split(',') if s.strip()), n_test=n_test,
                          out=out or P['out'])
@@ -435,7 +437,8 @@ def teacher_method(name: str,                                 # 'cot', 'agent' o
     return m
 
 # %% ../nbs/12_cli.ipynb #319d7078
-def table_factories(rows: list[str], sag_n: int = 8, corpus: str = 'world', seed: int = 0) -> dict:
+def table_factories(rows: list[str], sag_n: int = 8, corpus: str = 'world', seed: int = 0, device: str = 'auto',
+                    batch_size: int = 16) -> dict:
     "Row key 'size/method' -> () -> Method, for `table.run_table`: students from `STUDENTS`, the teacher via `teacher_method`."
     from functools import partial
     out = {}
@@ -444,11 +447,12 @@ def table_factories(rows: list[str], sag_n: int = 8, corpus: str = 'world', seed
         if size == 'teacher': out[key] = partial(teacher_method, name, corpus=corpus, seed=seed); continue
         if size not in STUDENTS: raise ValueError(f"unknown student size {size!r} in row {key!r}; choose from {', '.join(STUDENTS)}")
         s = STUDENTS[size]
-        out[key] = partial(make_method, name, s['base'], s['agent'], s['cot'], corpus, sag_n, seed=seed, ftp_adapter=s.get('ftp'))
+        out[key] = partial(make_method, name, s['base'], s['agent'], s['cot'], corpus, sag_n, seed=seed, ftp_adapter=s.get('ftp'),
+                           device=device, batch_size=batch_size)
     return out
 
 def table_settings(rows: list[str], sag_n: int, seed: int) -> dict:
-    "What produced a table: models and adapter hashes per size, prompts' hash, sampling, retriever, engine, machine."
+    "What produced a table: models and adapter hashes per size, prompts' hash, sampling, retriever, the default engine and machine (each row's own engine is in the table's `timing`)."
     import os, platform, torch
     from agent_distillation.distill import adapter_info
     from agent_distillation.prompts import all_prompts_hash
@@ -468,12 +472,14 @@ def table_settings(rows: list[str], sag_n: int, seed: int) -> dict:
                 regenerate='agent-distill reproduce --profile cpu' + (f" --rows {','.join(rows)}" if rows else ''))
 
 # %% ../nbs/12_cli.ipynb #00140b47
-def reproduce_table(rows: str | None = None, out: str = 'runs/cpu', sag_n: int = 8, seed: int = 0) -> dict:
+def reproduce_table(rows: str | None = None, out: str = 'runs/cpu', sag_n: int = 8, seed: int = 0, device: str = 'auto',
+                    batch_size: int = 16) -> dict:
     "The cpu profile: run (or resume) the table's rows on its questions, write `out/table2.json`, print it and the claims."
     from agent_distillation.table import table_rows, table_questions, run_table, table_frame, check_claims
     ftp = tuple(s for s, v in STUDENTS.items() if v.get('ftp'))
     keys = [r.strip() for r in rows.split(',') if r.strip()] if rows else table_rows(tuple(STUDENTS), ftp)
-    t = run_table(table_factories(keys, sag_n, seed=seed), table_questions(seed=seed), out, table_settings(keys, sag_n, seed))
+    t = run_table(table_factories(keys, sag_n, seed=seed, device=device, batch_size=batch_size), table_questions(seed=seed), out,
+                  table_settings(keys, sag_n, seed))
     print(table_frame(t, with_ci=True).to_string())
     print(check_claims(t).to_string(index=False))
     return t

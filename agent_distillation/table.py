@@ -13,7 +13,8 @@ from .evaluate import evaluate
 # %% auto #0
 __all__ = ['SIZES', 'STUDENT_METHODS', 'FTP_METHODS', 'TEACHER_METHODS', 'TABLE_BENCHMARKS', 'COSTS', 'PAPER_TABLE2',
            'table_rows', 'table_questions', 'chance_accuracy', 'chance_baselines', 'wilson_ci', 'cell', 'run_table',
-           'build_table', 'table_progress', 'table_frame', 'check_claims', 'plot_table', 'plot_accuracy_vs_tokens']
+           'engine_of', 'build_table', 'table_progress', 'table_frame', 'check_claims', 'plot_table',
+           'plot_accuracy_vs_tokens']
 
 # %% ../nbs/11b_table.ipynb #2f652a7c
 SIZES = {'135m': 'smollm2-135m-instruct', '0.5b': 'qwen2.5-coder-0.5b-instruct'}  # student size -> base model
@@ -83,14 +84,36 @@ def run_table(rows: dict,                # row key 'size/method' -> () -> Method
               settings: dict | None = None,   # what produced the table: models, adapters, prompts hash, seeds, sampling, engine
               progress: bool = True
              ) -> dict:
-    "Evaluate every row on every question (resumable), then write and return `out_dir/table2.json`."
+    """Evaluate every row on every question (resumable), then write and return `out_dir/table2.json`. Each row's `timing`
+    entry records when it ran, its wall time and the engine that answered (`engine_of`): rows may finish on different
+    machines (a GPU for some), and the table says which."""
     exs = [e for b in questions.values() for e in b]
     timing = {}
     for key, make in rows.items():
         t0, start = time.time(), datetime.datetime.now().isoformat(timespec='seconds')
-        with make() as method: evaluate(method, exs, out=_records_path(out_dir, key), progress=progress)
-        timing[key] = dict(started=start, wall_s=round(time.time() - t0, 1))
+        with make() as method:
+            evaluate(method, exs, out=_records_path(out_dir, key), progress=progress)
+            engine = engine_of(method)
+        timing[key] = dict(started=start, wall_s=round(time.time() - t0, 1), engine=engine)
     return build_table(out_dir, questions, settings, timing)
+
+def engine_of(method) -> str:
+    "What answers for a method: the in-process model's class, dtype and device, or the served model's name and URL."
+    lm = getattr(method, 'lm', None)
+    model = getattr(lm, 'model', None)
+    if hasattr(model, 'device') and hasattr(model, 'dtype'):
+        import torch
+        dev = model.device
+        where = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{dev.type} ({_cpu_name()})'
+        return f'{type(lm).__name__} (transformers), {str(model.dtype).removeprefix("torch.")}, {where}'
+    if hasattr(lm, 'base_url'): return f'{type(lm).__name__} on {lm.base_url} ({getattr(lm, "model", "?")}), {_cpu_name()}'
+    return type(lm).__name__ if lm is not None else type(method).__name__
+
+def _cpu_name() -> str:
+    "The CPU's model name (Linux), else the platform's processor string."
+    import platform
+    try: return next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
+    except (OSError, StopIteration): return platform.processor() or platform.machine()
 
 # %% ../nbs/11b_table.ipynb #45e1cbb7
 def _row_cells(recs: list[dict], questions: dict, key: str) -> dict:
