@@ -73,7 +73,9 @@ def load_lm(base: str,                    # registry name, local folder or hub i
             device: str = 'auto'):        # in-process engine: 'cpu', 'cuda', ... or 'auto' (CUDA when torch sees a GPU);
                                           # naming an accelerator makes engine 'auto' pick the in-process engine
     """The student as a model: `PrefixCacheLM` with the adapter merged, or an `OpenAILM` on llama-server; unknown models
-    fail before anything loads. Raises `ValueError` for an unknown model or an unusable `device`."""
+    fail before anything loads. Raises `ValueError` for an unknown model or an unusable `device`; serving a full run on
+    llama.cpp converts it first (`serving.hf_to_gguf`: `FileNotFoundError` without llama.cpp's sources, `RuntimeError` if
+    the converter fails)."""
     from agent_distillation.rollouts import PrefixCacheLM
     from agent_distillation.registry import load_tokenizer, OFFLINE_MODELS
     path = resolve_adapter(adapter)
@@ -451,12 +453,11 @@ def table_factories(rows: list[str], sag_n: int = 8, corpus: str = 'world', seed
                            device=device, batch_size=batch_size)
     return out
 
-def table_settings(rows: list[str], sag_n: int, seed: int) -> dict:
+def table_settings(rows: list[str], sag_n: int, seed: int, device: str = 'auto', batch_size: int = 16) -> dict:
     "What produced a table: models and adapter hashes per size, prompts' hash, sampling, retriever, the default engine and machine (each row's own engine is in the table's `timing`)."
     import os, platform, torch
     from agent_distillation.distill import adapter_info
     from agent_distillation.prompts import all_prompts_hash
-    from agent_distillation.registry import cpu_supports_bf16
     from agent_distillation.teacher import TeacherRunConfig, _cpu_model
     sizes = sorted({k.split('/')[0] for k in rows} - {'teacher'})
     info = lambda a: dict(run=a, **adapter_info(resolve_adapter(a)))
@@ -466,10 +467,18 @@ def table_settings(rows: list[str], sag_n: int, seed: int) -> dict:
                              cot_max_new_tokens=t.cot_max_new_tokens, step_prefix=t.step_prefix),
                 prompts_hash=all_prompts_hash(), seed=seed, sampling=dict(greedy=True, sag_n=sag_n, sag_temperature=0.4, sag_top_p=0.8),
                 retriever='BM25 over offline Wikipedia + the generated world, top-3', scoring='scoring.is_correct (EM rule for facts, math_equal)',
-                engine={s: (e := resolve_engine(STUDENTS[s]['base'])) + (f" {'bf16' if cpu_supports_bf16() else 'float32'} (PrefixCacheLM, batched rollouts)"
-                            if e == 'transformers' else ' llama-server (base GGUF + LoRA GGUF, parallel slots)') for s in sizes},
+                engine={s: _default_engine(STUDENTS[s]['base'], device) for s in sizes}, batch_size=batch_size,
                 machine=dict(cpu=_cpu_model(), cores=os.cpu_count(), torch=torch.__version__, python=platform.python_version()),
-                regenerate='agent-distill reproduce --profile cpu' + (f" --rows {','.join(rows)}" if rows else ''))
+                regenerate='agent-distill reproduce --profile cpu' + (f" --rows {','.join(rows)}" if rows else '')
+                           + (f' --device {device}' if device != 'auto' else '') + (f' --batch_size {batch_size}' if batch_size != 16 else ''))
+
+def _default_engine(base: str, device: str) -> str:
+    "The engine a size's LoRA rows get (each row's own engine is in the table's `timing`)."
+    from agent_distillation.registry import cpu_supports_bf16
+    dev = resolve_device(device)
+    if dev != 'cpu': return f'transformers bf16 on {dev} (PrefixCacheLM, batched rollouts)'
+    if resolve_engine(base) == 'transformers': return f"transformers {'bf16' if cpu_supports_bf16() else 'float32'} on cpu (PrefixCacheLM, batched rollouts)"
+    return 'llama-server (base GGUF + LoRA GGUF, parallel slots; a fully fine-tuned student: in-process unless --engine llama.cpp)'
 
 # %% ../nbs/12_cli.ipynb #00140b47
 def reproduce_table(rows: str | None = None, out: str = 'runs/cpu', sag_n: int = 8, seed: int = 0, device: str = 'auto',
@@ -479,7 +488,7 @@ def reproduce_table(rows: str | None = None, out: str = 'runs/cpu', sag_n: int =
     ftp = tuple(s for s, v in STUDENTS.items() if v.get('ftp'))
     keys = [r.strip() for r in rows.split(',') if r.strip()] if rows else table_rows(tuple(STUDENTS), ftp)
     t = run_table(table_factories(keys, sag_n, seed=seed, device=device, batch_size=batch_size), table_questions(seed=seed), out,
-                  table_settings(keys, sag_n, seed))
+                  table_settings(keys, sag_n, seed, device, batch_size))
     print(table_frame(t, with_ci=True).to_string())
     print(check_claims(t).to_string(index=False))
     return t

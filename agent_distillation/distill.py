@@ -14,7 +14,7 @@ from .core import append_jsonl, read_jsonl, write_jsonl, save_json, load_json, s
 from .prompts import TEACHER_SYSTEM, STUDENT_SYSTEM, DEFAULT_IMPORTS, student_system_prompt, cot_messages
 
 # %% auto #0
-__all__ = ['LLAMA3_TEMPLATE', 'MISTRAL_TEMPLATE', 'assistant_spans', 'build_sft_example', 'show_mask', 'synthetic_trajectories', 'to_student_messages', 'build_sft_dataset', 'cot_sft_messages', 'build_cot_dataset', 'collate_padded', 'collate_packed', 'SimilarLengthSampler', 'padding_waste', 'TrainConfig', 'default_lora', 'sft_loss', 'plot_loss', 'TrainResult', 'train_student', 'is_full_run', 'adapter_info', 'load_student', 'merge_adapter', 'students_report', 'plot_students', 'ACCELERATE_CONFIGS', 'typed_answer', 'sft_examples', 'train_from_jsonl', 'write_run_card', 'main', 'write_accelerate_config', 'bench_batching']
+__all__ = ['LLAMA3_TEMPLATE', 'MISTRAL_TEMPLATE', 'assistant_spans', 'build_sft_example', 'show_mask', 'synthetic_trajectories', 'to_student_messages', 'build_sft_dataset', 'cot_sft_messages', 'build_cot_dataset', 'collate_padded', 'collate_packed', 'SimilarLengthSampler', 'padding_waste', 'TrainConfig', 'default_lora', 'sft_loss', 'plot_loss', 'TrainResult', 'train_student', 'is_full_run', 'adapter_info', 'check_full_run_base', 'load_student', 'merge_adapter', 'students_report', 'plot_students', 'ACCELERATE_CONFIGS', 'typed_answer', 'sft_examples', 'train_from_jsonl', 'write_run_card', 'main', 'write_accelerate_config', 'bench_batching']
 
 # %% ../nbs/09_distill.ipynb #eb362be6
 def _render(tok, messages, **kw) -> str:
@@ -507,6 +507,11 @@ def adapter_info(run_dir) -> dict:
     return dict(file=p.name, bytes=p.stat().st_size, dtype=dtypes, sha256=hashlib.sha256(p.read_bytes()).hexdigest())
 
 # %% ../nbs/09_distill.ipynb #81009376
+def check_full_run_base(run_dir, base: str):
+    "`ValueError` unless the full fine-tuning run in `run_dir` started from `base` (its settings.json says which)."
+    trained = load_json(Path(run_dir)/'settings.json')['base'] if (Path(run_dir)/'settings.json').exists() else base
+    if trained != base: raise ValueError(f"{run_dir} was fine-tuned from {trained!r}, not {base!r}: pass that base model")
+
 def load_student(base: str,            # the base model the adapter was trained on
                  adapter_dir,          # a run folder (adapter_config.json + adapter_model.safetensors, or a full model)
                  merge: bool = True,   # merge the adapter into the weights (False: a `PeftModel`)
@@ -515,8 +520,7 @@ def load_student(base: str,            # the base model the adapter was trained 
     from peft import PeftModel
     from agent_distillation.registry import load_model
     if is_full_run(adapter_dir):
-        trained = load_json(Path(adapter_dir)/'settings.json')['base'] if (Path(adapter_dir)/'settings.json').exists() else base
-        if trained != base: raise ValueError(f"{adapter_dir} was fine-tuned from {trained!r}, not {base!r}: pass that base model")
+        check_full_run_base(adapter_dir, base)
         return load_model(str(adapter_dir), dtype=_dtype(dtype)).eval()
     with _quiet(): model = PeftModel.from_pretrained(load_model(base, dtype=_dtype(dtype)), str(adapter_dir))
     return (model.merge_and_unload() if merge else model).eval()
@@ -591,7 +595,11 @@ def sft_examples(tok,                      # the student's tokenizer
     from agent_distillation.teacher import filter_trajectories
     if kind not in ('agent', 'cot'): raise ValueError(f"kind must be 'agent' or 'cot', got {kind!r}")
     if not recs: raise ValueError('no records to train on')
-    agent_rows, cot_rows = 'steps' in recs[0], 'cot' in recs[0] and 'steps' not in recs[0]
+    shape = lambda r: 'agent' if 'steps' in r else 'cot' if 'cot' in r else 'chat' if 'messages' in r else None
+    shapes = {shape(r) for r in recs}
+    if None in shapes: raise ValueError("records need 'messages' (a chat) or are teacher rows ('steps' or 'cot'); some have neither")
+    if len(shapes) > 1: raise ValueError(f"records mix {' and '.join(sorted(shapes))} rows: train one kind at a time")
+    agent_rows, cot_rows = shapes == {'agent'}, shapes == {'cot'}
     if drop_typed and not (kind == 'agent' and agent_rows):
         raise ValueError('drop_typed filters teacher agent trajectories (JSONL with steps); these records are not')
     if (kind, agent_rows, cot_rows) in (('cot', True, False), ('agent', False, True)):
@@ -601,10 +609,12 @@ def sft_examples(tok,                      # the student's tokenizer
     if kind == 'agent' and agent_rows:
         kept = filter_trajectories(recs)[0]
         recs = [r for r in kept if not (drop_typed and typed_answer(r))]
-        if drop_typed: print(f'drop_typed: {len(kept) - len(recs)} of {len(kept)} kept trajectories typed a numeric answer and are left out')
+        if drop_typed: print(f'drop_typed: {len(kept) - len(recs)} of {len(kept)} kept trajectories typed an answer they should compute and are left out')
         return build_sft_dataset(tok, recs, max_len)  # the student's prompt replaces the teacher's
     chats = [r['messages'] for r in recs]
-    teacher = kind == 'agent' and all(c and c[0]['role'] == 'system' and _teacher_prompt_parts(c[0]['content']) for c in chats)
+    agent_chats = all(c and c[0]['role'] == 'system' and _teacher_prompt_parts(c[0]['content']) for c in chats)
+    if kind == 'cot' and agent_chats: raise ValueError("kind='cot' but these chats are agent trajectories (the teacher's agent prompt)")
+    teacher = kind == 'agent' and agent_chats
     return build_sft_dataset(tok, chats, max_len, student_prompt=teacher)
 
 def _sft_data(records: str, kind: str, tok, max_len: int, drop_typed: bool = False) -> list[dict]:

@@ -86,15 +86,18 @@ def run_table(rows: dict,                # row key 'size/method' -> () -> Method
              ) -> dict:
     """Evaluate every row on every question (resumable), then write and return `out_dir/table2.json`. Each row's `timing`
     entry records when it ran, its wall time and the engine that answered (`engine_of`): rows may finish on different
-    machines (a GPU for some), and the table says which."""
+    machines (a GPU for some), and the table says which. A row with nothing left to answer keeps its earlier entry."""
     exs = [e for b in questions.values() for e in b]
     timing = {}
     for key, make in rows.items():
         t0, start = time.time(), datetime.datetime.now().isoformat(timespec='seconds')
+        path = _records_path(out_dir, key)
+        before = len(read_jsonl(path)) if path.exists() else 0
         with make() as method:
-            evaluate(method, exs, out=_records_path(out_dir, key), progress=progress)
+            evaluate(method, exs, out=path, progress=progress)
             engine = engine_of(method)
-        timing[key] = dict(started=start, wall_s=round(time.time() - t0, 1), engine=engine)
+        if len(read_jsonl(path)) > before:  # a row already finished keeps the timing and engine of the run that answered it
+            timing[key] = dict(started=start, wall_s=round(time.time() - t0, 1), engine=engine)
     return build_table(out_dir, questions, settings, timing)
 
 def engine_of(method) -> str:
@@ -106,13 +109,14 @@ def engine_of(method) -> str:
         dev = model.device
         where = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{dev.type} ({_cpu_name()})'
         return f'{type(lm).__name__} (transformers), {str(model.dtype).removeprefix("torch.")}, {where}'
-    if hasattr(lm, 'base_url'): return f'{type(lm).__name__} on {lm.base_url} ({getattr(lm, "model", "?")}), {_cpu_name()}'
+    if hasattr(lm, 'base_url'): return f'{type(lm).__name__} on {lm.base_url} ({getattr(lm, "name", "?")}), {_cpu_name()}'
     return type(lm).__name__ if lm is not None else type(method).__name__
 
 def _cpu_name() -> str:
     "The CPU's model name (Linux), else the platform's processor string."
     import platform
-    try: return next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
+    try:
+        with open('/proc/cpuinfo') as f: return next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
     except (OSError, StopIteration): return platform.processor() or platform.machine()
 
 # %% ../nbs/11b_table.ipynb #45e1cbb7
@@ -130,7 +134,7 @@ def _row_cells(recs: list[dict], questions: dict, key: str) -> dict:
 def build_table(out_dir,                 # the `run_table` folder
                 questions: dict,         # benchmark -> list[Example]
                 settings: dict | None = None,
-                timing: dict | None = None,   # row -> {'started', 'wall_s'} of this session's runs
+                timing: dict | None = None,   # row -> {'started', 'wall_s', 'engine'} of this session's runs
                 partial: bool = False,   # skip unfinished rows instead of raising
                 save: bool = True        # write out_dir/table2.json (False: only return the table)
                ) -> dict:

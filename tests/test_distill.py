@@ -218,8 +218,8 @@ def test_full_finetune_trains_every_weight_and_loads_like_an_adapter(short, tiny
     assert train_student('tiny-random', short, lora=False, out_dir=str(out), batch_size=2, max_steps=2, lr=1e-3, save_steps=1) == res
     lm = load_lm('tiny-random', str(out))
     assert type(lm).__name__ == 'PrefixCacheLM'
-    from agent_distillation.models import llama_server_backend
-    if llama_server_backend() not in (None, 'python'):  # `make test` builds llama-server: the run served as its own bf16 GGUF
+    from agent_distillation.cli import resolve_engine
+    if resolve_engine('smollm2-135m-instruct') == 'llama.cpp':  # `make test` builds llama-server: the run served as its own bf16 GGUF
         served = load_lm('tiny-random', str(out), engine='llama.cpp', parallel=1)
         try:
             assert type(served).__name__ == 'OpenAILM' and served.server.gguf.suffix == '.gguf' and '--lora' not in served.server.args
@@ -235,7 +235,7 @@ def test_full_finetune_trains_every_weight_and_loads_like_an_adapter(short, tiny
 
 def test_drop_typed_leaves_out_typed_answers_to_computed_questions(tok):
     "On the first teacher run's records: `drop_typed` removes exactly the kept trajectories `typed_answer` flags (`sft_examples`, which both entry points use)."
-    from agent_distillation.distill import typed_answer, _sft_data as distill_data, sft_examples as cli_data
+    from agent_distillation.distill import typed_answer, _sft_data as distill_data, sft_examples
     from agent_distillation.teacher import filter_trajectories
     path = ROOT/'runs/cpu/teacher/agent.jsonl'
     kept = filter_trajectories(read_jsonl(path))[0]
@@ -245,7 +245,7 @@ def test_drop_typed_leaves_out_typed_answers_to_computed_questions(tok):
     kinds = _question_types(0)  # only questions that need computing: math, or world arithmetic (a looked-up year is not)
     assert {r['domain'] if r['domain'] == 'math' else kinds[r['id']] for r in typed} == {'math', 'arithmetic'}
     assert any(kinds.get(r['id']) == 'bridge' and str(r['gold']).isdigit() for r in kept)  # such years exist and are kept
-    full, _ = cli_data(tok, read_jsonl(path), 'agent', 8192)
-    fewer, _ = cli_data(tok, read_jsonl(path), 'agent', 8192, drop_typed=True)
+    full, _ = sft_examples(tok, read_jsonl(path), 'agent', 8192)
+    fewer, _ = sft_examples(tok, read_jsonl(path), 'agent', 8192, drop_typed=True)
     assert len(full) == len(kept) and len(fewer) == len(kept) - len(typed)
     assert len(distill_data(str(path), 'agent', tok, 8192, drop_typed=True)) == len(fewer)
