@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The CPU's heavy jobs for the students (#18) and the table (#16), one at a time, in the issues' order.
+#
+#   runs/cpu/queue.sh            # run every unfinished step in order (nice 19), committing outputs every 20 min
+#   runs/cpu/queue.sh --list     # what each step is and whether it is finished
+#   runs/cpu/queue.sh --pause / --resume   # SIGSTOP / SIGCONT the running step (the test suite wants both cores)
+#
+# Every step resumes where it stopped (teacher JSONL and evaluate records skip answered questions; training restarts
+# from its latest checkpoint, every 5 optimizer steps), and a step counts as finished by what its committed output says,
+# so a fresh checkout continues where the last session stopped. Needs `make models-big llama-server` first.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
+export AGENT_DISTILLATION_DATA=${AGENT_DISTILLATION_DATA:-$(realpath ../shared/data)}
+export LLAMA_SERVER=${LLAMA_SERVER:-$PWD/.venv/bin/llama-server}
+PY=.venv/bin/python; AD=.venv/bin/agent-distill
+LOG=${QUEUE_LOG:-.cache/queue}; mkdir -p "$LOG"
+S=runs/cpu/students; V=runs/cpu/validation
+# glibc keeps freed blocks in the heap (training spent 46 % of its time in page faults otherwise; Makefile).
+TRAIN="env MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 $PY -m agent_distillation.distill"
+AGENT=runs/cpu/teacher/agent.jsonl,runs/cpu/teacher-rest/agent.jsonl
+COT=runs/cpu/teacher/cot.jsonl,runs/cpu/teacher-rest/cot.jsonl
+EV="$AD evaluate --benchmarks world_validation,math_validation --n 1000"
+
+# name | finished when | command | folders to commit
+STEPS=(
+"teacher-rest|teacher_done runs/cpu/teacher-rest 950|$AD teacher --out_dir runs/cpu/teacher-rest --world_split rest --n_world 750 --math_benchmark math_medium --n_math 200 --n_world_test 0 --modes cot,agent|runs/cpu/teacher-rest"
+"teacher-validation|records $V/teacher.llama-cpp.jsonl 420|$EV --methods teacher_agent,teacher_cot --out $V/teacher.llama-cpp.jsonl|$V"
+"0.5b-agent-grown|trained $S/qwen2.5-coder-0.5b-agent-grown-r16|$TRAIN $AGENT --base qwen2.5-coder-0.5b-instruct --lora_r 16 --lora_alpha 32 --epochs 2 --save_steps 5 --gradient_checkpointing --out_dir $S/qwen2.5-coder-0.5b-agent-grown-r16|$S/qwen2.5-coder-0.5b-agent-grown-r16"
+"0.5b-agent-grown-val|records $V/0.5b-agent-grown-r16.llama-cpp.jsonl 210|$EV --engine llama.cpp --base qwen2.5-coder-0.5b-instruct --methods agent_distill --adapter $S/qwen2.5-coder-0.5b-agent-grown-r16 --cot_adapter none --out $V/0.5b-agent-grown-r16.llama-cpp.jsonl|$V"
+"0.5b-cot-grown|trained $S/qwen2.5-coder-0.5b-cot-grown-r16|$TRAIN $COT --kind cot --base qwen2.5-coder-0.5b-instruct --lora_r 16 --lora_alpha 32 --epochs 2 --save_steps 5 --gradient_checkpointing --out_dir $S/qwen2.5-coder-0.5b-cot-grown-r16|$S/qwen2.5-coder-0.5b-cot-grown-r16"
+"0.5b-cot-grown-val|records $V/0.5b-cot-grown-r16.llama-cpp.jsonl 210|$EV --engine llama.cpp --base qwen2.5-coder-0.5b-instruct --methods cot_distill --adapter none --cot_adapter $S/qwen2.5-coder-0.5b-cot-grown-r16 --out $V/0.5b-cot-grown-r16.llama-cpp.jsonl|$V"
+"135m-agent-grown|trained $S/smollm2-135m-agent-grown-full|$TRAIN $AGENT --full_finetune --lr 5e-5 --epochs 2 --save_steps 10 --out_dir $S/smollm2-135m-agent-grown-full|$S/smollm2-135m-agent-grown-full"
+"135m-agent-grown-val|records $V/135m-agent-grown-full.transformers.jsonl 210|$EV --engine transformers --base smollm2-135m-instruct --methods agent_distill --adapter $S/smollm2-135m-agent-grown-full --cot_adapter none --out $V/135m-agent-grown-full.transformers.jsonl|$V"
+"135m-cot-grown|trained $S/smollm2-135m-cot-grown-full|$TRAIN $COT --kind cot --full_finetune --lr 5e-5 --epochs 2 --save_steps 10 --out_dir $S/smollm2-135m-cot-grown-full|$S/smollm2-135m-cot-grown-full"
+"135m-cot-grown-val|records $V/135m-cot-grown-full.transformers.jsonl 210|$EV --engine transformers --base smollm2-135m-instruct --methods cot_distill --adapter none --cot_adapter $S/smollm2-135m-cot-grown-full --out $V/135m-cot-grown-full.transformers.jsonl|$V"
+)
+
+teacher_done() {  # folder, units per mode: every mode of the run has answered that many questions
+  $PY -c "import json, sys; r = json.load(open('$1/provenance.json'))['results']; \
+sys.exit(0 if all(v['done'] >= $2 for k, v in r.items() if k in ('cot', 'agent')) else 1)" 2>/dev/null
+}
+records() { [ -f "$1" ] && [ "$(wc -l < "$1")" -ge "$2" ]; }  # an evaluate file with at least N records
+trained() { $PY -c "import json, sys; sys.exit(0 if json.load(open('$1/settings.json')).get('finished') else 1)" 2>/dev/null; }
+
+field() { cut -d'|' -f"$2" <<< "$1"; }
+commit_outputs() {  # commit only the step's own folder (never whatever else is staged in the checkout)
+  local paths=$1 msg=$2
+  git add -- $paths 2>/dev/null && git commit -q -m "$msg" -- $paths 2>/dev/null && echo "$(date +%T) committed $paths"
+}
+
+case "${1:-}" in
+  --list)
+    for s in "${STEPS[@]}"; do eval "$(field "$s" 2)" && st=finished || st=open; printf '%-22s %-9s %s\n' "$(field "$s" 1)" "$st" "$(field "$s" 3)"; done
+    exit 0;;
+  --pause|--resume)
+    sig=$([ "$1" = --pause ] && echo STOP || echo CONT)
+    [ -f "$LOG/pid" ] && pkill -$sig -g "$(cat "$LOG/pid")" && echo "sent SIG$sig to the queue's process group" || echo 'no queue running'
+    exit 0;;
+esac
+
+echo $$ > "$LOG/pid"
+for s in "${STEPS[@]}"; do
+  name=$(field "$s" 1); check=$(field "$s" 2); cmd=$(field "$s" 3); paths=$(field "$s" 4)
+  if eval "$check"; then echo "$(date +%T) $name: finished"; continue; fi
+  echo "$(date +%T) $name: $cmd"
+  ( while sleep 1200; do commit_outputs "$paths" "Queue ($name): progress"; done ) & committer=$!
+  nice -n 19 $cmd > "$LOG/$name.log" 2>&1; rc=$?
+  kill $committer 2>/dev/null
+  commit_outputs "$paths" "Queue ($name): $( [ $rc = 0 ] && echo finished || echo "stopped, exit $rc")"
+  if [ $rc != 0 ] || ! eval "$check"; then echo "$(date +%T) $name: exit $rc, not finished (log: $LOG/$name.log); the queue stops here"; exit 1; fi
+done
+echo "$(date +%T) every step finished"
