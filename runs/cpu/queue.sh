@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The CPU's heavy jobs for the students (#18) and the table (#16), one at a time, in the issues' order.
+# The CPU's heavy jobs for the students (#18) and the table (#16), one at a time, in the issues' order: the grown
+# teacher run, then the 0.5B student on its data (the main student) and its validation, then the teacher on validation.
 #
 #   runs/cpu/queue.sh            # run every unfinished step in order (nice 19), committing outputs every 20 min
 #   runs/cpu/queue.sh --list     # what each step is and whether it is finished
 #   runs/cpu/queue.sh --pause / --resume   # SIGSTOP / SIGCONT the running step (the test suite wants both cores)
+#   runs/cpu/queue.sh --save-checkpoint    # before the session ends: commit the running training's latest checkpoint
 #
 # Every step resumes where it stopped (teacher JSONL and evaluate records skip answered questions; training restarts
 # from its latest checkpoint, every 5 optimizer steps), and a step counts as finished by what its committed output says,
@@ -18,6 +20,10 @@ LOG=${QUEUE_LOG:-.cache/queue}; mkdir -p "$LOG"
 S=runs/cpu/students; V=runs/cpu/validation
 # glibc keeps freed blocks in the heap (training spent 46 % of its time in page faults otherwise; Makefile).
 TRAIN="env MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 $PY -m agent_distillation.distill"
+# The 0.5B on the grown data (~1.36 M tokens for 2 epochs, ~12 h at the first run's 30.8 tokens/s): no gradient
+# checkpointing and glibc's default malloc, 3.5 instead of 5.4 min per step on the 8 longest trajectories at the same
+# peak memory (13.4 GB; Makefile), so more of it fits in each session.
+TRAIN_FAST="$PY -m agent_distillation.distill"
 AGENT=runs/cpu/teacher/agent.jsonl,runs/cpu/teacher-rest/agent.jsonl
 COT=runs/cpu/teacher/cot.jsonl,runs/cpu/teacher-rest/cot.jsonl
 EV="$AD evaluate --benchmarks world_validation,math_validation --n 1000"
@@ -25,9 +31,9 @@ EV="$AD evaluate --benchmarks world_validation,math_validation --n 1000"
 # name | finished when | command | folders to commit
 STEPS=(
 "teacher-rest|teacher_done runs/cpu/teacher-rest 950|$AD teacher --out_dir runs/cpu/teacher-rest --world_split rest --n_world 750 --math_benchmark math_medium --n_math 200 --n_world_test 0 --modes cot,agent|runs/cpu/teacher-rest"
-"teacher-validation|records $V/teacher.llama-cpp.jsonl 420|$EV --methods teacher_agent,teacher_cot --out $V/teacher.llama-cpp.jsonl|$V"
-"0.5b-agent-grown|trained $S/qwen2.5-coder-0.5b-agent-grown-r16|$TRAIN $AGENT --base qwen2.5-coder-0.5b-instruct --lora_r 16 --lora_alpha 32 --epochs 2 --save_steps 5 --gradient_checkpointing --out_dir $S/qwen2.5-coder-0.5b-agent-grown-r16|$S/qwen2.5-coder-0.5b-agent-grown-r16"
+"0.5b-agent-grown|trained $S/qwen2.5-coder-0.5b-agent-grown-r16|$TRAIN_FAST $AGENT --base qwen2.5-coder-0.5b-instruct --lora_r 16 --lora_alpha 32 --epochs 2 --save_steps 5 --out_dir $S/qwen2.5-coder-0.5b-agent-grown-r16|$S/qwen2.5-coder-0.5b-agent-grown-r16"
 "0.5b-agent-grown-val|records $V/0.5b-agent-grown-r16.llama-cpp.jsonl 210|$EV --engine llama.cpp --base qwen2.5-coder-0.5b-instruct --methods agent_distill --adapter $S/qwen2.5-coder-0.5b-agent-grown-r16 --cot_adapter none --out $V/0.5b-agent-grown-r16.llama-cpp.jsonl|$V"
+"teacher-validation|records $V/teacher.llama-cpp.jsonl 420|$EV --methods teacher_agent,teacher_cot --out $V/teacher.llama-cpp.jsonl|$V"
 "0.5b-cot-grown|trained $S/qwen2.5-coder-0.5b-cot-grown-r16|$TRAIN $COT --kind cot --base qwen2.5-coder-0.5b-instruct --lora_r 16 --lora_alpha 32 --epochs 2 --save_steps 5 --gradient_checkpointing --out_dir $S/qwen2.5-coder-0.5b-cot-grown-r16|$S/qwen2.5-coder-0.5b-cot-grown-r16"
 "0.5b-cot-grown-val|records $V/0.5b-cot-grown-r16.llama-cpp.jsonl 210|$EV --engine llama.cpp --base qwen2.5-coder-0.5b-instruct --methods cot_distill --adapter none --cot_adapter $S/qwen2.5-coder-0.5b-cot-grown-r16 --out $V/0.5b-cot-grown-r16.llama-cpp.jsonl|$V"
 "135m-agent-grown|trained $S/smollm2-135m-agent-grown-full|$TRAIN $AGENT --full_finetune --lr 5e-5 --epochs 2 --save_steps 10 --out_dir $S/smollm2-135m-agent-grown-full|$S/smollm2-135m-agent-grown-full"
@@ -53,6 +59,16 @@ case "${1:-}" in
   --list)
     for s in "${STEPS[@]}"; do eval "$(field "$s" 2)" && st=finished || st=open; printf '%-22s %-9s %s\n' "$(field "$s" 1)" "$st" "$(field "$s" 3)"; done
     exit 0;;
+  --save-checkpoint)  # before a session ends: commit the running training step's latest checkpoint (checkpoints are
+    # gitignored and a checkout does not outlive its session); the older committed one leaves the tree
+    for s in "${STEPS[@]}"; do
+      check=$(field "$s" 2); [[ $check == trained* ]] || continue; eval "$check" && continue
+      out=${check#trained }; last=$(ls -d "$out"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1)
+      [ -n "$last" ] || { echo "no checkpoint in $out yet"; exit 0; }
+      git rm -r -q --cached --ignore-unmatch -- "$out"/checkpoint-* >/dev/null
+      git add -f -- "$last" "$out" && git commit -q -m "Queue ($(field "$s" 1)): $last, to resume next session" -- "$out" && echo "committed $last"
+      exit 0
+    done; echo 'no training step running'; exit 0;;
   --pause|--resume)
     sig=$([ "$1" = --pause ] && echo STOP || echo CONT)
     [ -f "$LOG/pid" ] && pkill -$sig -g "$(cat "$LOG/pid")" && echo "sent SIG$sig to the queue's process group" || echo 'no queue running'
