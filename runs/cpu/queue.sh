@@ -50,9 +50,19 @@ records() { [ -f "$1" ] && [ "$(wc -l < "$1")" -ge "$2" ]; }  # an evaluate file
 trained() { $PY -c "import json, sys; sys.exit(0 if json.load(open('$1/settings.json')).get('finished') else 1)" 2>/dev/null; }
 
 field() { cut -d'|' -f"$2" <<< "$1"; }
-commit_outputs() {  # commit only the step's own folder (never whatever else is staged in the checkout)
-  local paths=$1 msg=$2
-  git add -- $paths 2>/dev/null && git commit -q -m "$msg" -- $paths 2>/dev/null && echo "$(date +%T) committed $paths"
+commit_outputs() {  # paths, message[, checkpoint to keep | "drop"]: commit the step's own folders through a private
+  # index (never whatever else is staged in the checkout); a committed training checkpoint is replaced by the one named,
+  # or leaves the tree with "drop" (the run finished), or stays
+  local paths=$1 msg=$2 ckpt=${3:-} rc
+  export GIT_INDEX_FILE=$(mktemp -u); git read-tree HEAD
+  if [ -n "$ckpt" ]; then for p in $paths; do git rm -r -q --cached --ignore-unmatch -- "$p"/checkpoint-* >/dev/null; done; fi
+  [ -n "$ckpt" ] && [ "$ckpt" != drop ] && git add -f -- "$ckpt"
+  git add -- $paths 2>/dev/null
+  if git diff --cached --quiet HEAD; then rc=1
+  else git update-ref HEAD "$(git commit-tree "$(git write-tree)" -p HEAD -m "$msg")"; rc=$?; fi
+  rm -f "$GIT_INDEX_FILE"; unset GIT_INDEX_FILE; git reset -q -- $paths
+  [ $rc = 0 ] && echo "$(date +%T) committed $paths${ckpt:+ ($ckpt)}"
+  return $rc
 }
 
 case "${1:-}" in
@@ -63,11 +73,9 @@ case "${1:-}" in
     # gitignored and a checkout does not outlive its session); the older committed one leaves the tree
     for s in "${STEPS[@]}"; do
       check=$(field "$s" 2); [[ $check == trained* ]] || continue; eval "$check" && continue
-      out=${check#trained }; last=$(ls -d "$out"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1)
+      out=${check#trained }; last=$(ls -d "$out"/checkpoint-* 2>/dev/null | sort -V | tail -1)
       [ -n "$last" ] || { echo "no checkpoint in $out yet"; exit 0; }
-      git rm -r -q --cached --ignore-unmatch -- "$out"/checkpoint-* >/dev/null
-      git add -f -- "$last" "$out" && git commit -q -m "Queue ($(field "$s" 1)): $last, to resume next session" -- "$out" && echo "committed $last"
-      exit 0
+      commit_outputs "$out" "Queue ($(field "$s" 1)): $last, to resume next session" "$last"; exit $?
     done; echo 'no training step running'; exit 0;;
   --pause|--resume)
     sig=$([ "$1" = --pause ] && echo STOP || echo CONT)
@@ -83,7 +91,7 @@ for s in "${STEPS[@]}"; do
   ( while sleep 1200; do commit_outputs "$paths" "Queue ($name): progress"; done ) & committer=$!
   nice -n 19 $cmd > "$LOG/$name.log" 2>&1; rc=$?
   kill $committer 2>/dev/null
-  commit_outputs "$paths" "Queue ($name): $( [ $rc = 0 ] && echo finished || echo "stopped, exit $rc")"
+  commit_outputs "$paths" "Queue ($name): $( [ $rc = 0 ] && echo finished || echo "stopped, exit $rc")" $(eval "$check" && echo drop)
   if [ $rc != 0 ] || ! eval "$check"; then echo "$(date +%T) $name: exit $rc, not finished (log: $LOG/$name.log); the queue stops here"; exit 1; fi
 done
 echo "$(date +%T) every step finished"

