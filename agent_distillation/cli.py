@@ -117,11 +117,18 @@ def _stop_served(*lms):
         if hasattr(lm, 'server'): lm.close()
 
 # %% ../nbs/12_cli.ipynb #b5974971
+def _reachable(r):
+    "Retriever `r` after one probe query: a server that does not answer fails here, not at every agent step."
+    try: r.search('probe', 1)
+    except ConnectionError as e:
+        r.close(); raise ValueError(f"retriever server {r.url} does not answer ({e}); start one with `agent-distill serve-retriever`") from None
+    return r
+
 def make_retriever(corpus: str = 'world',  # 'world', 'wikipedia', a JSONL corpus file, or a http(s):// Search-R1 server
                    seed: int = 0):          # the world benchmark's seed (for 'world')
-    "The retriever `corpus` names (see above); `ValueError` for anything else."
+    "The retriever `corpus` names (see above); `ValueError` for anything else, or for a server that does not answer."
     from agent_distillation.retriever import BM25Retriever, Corpus, RemoteRetriever, wikipedia_retriever
-    if corpus.startswith(('http://', 'https://')): return RemoteRetriever(corpus)
+    if corpus.startswith(('http://', 'https://')): return _reachable(RemoteRetriever(corpus))
     if corpus == 'world':
         from agent_distillation.world import make_world_benchmark, world_retriever
         return world_retriever(make_world_benchmark(seed))
@@ -265,7 +272,9 @@ def load_examples(name: str,   # 'world', 'world_validation', 'math_validation',
         exs = make_world_benchmark(seed).test
     elif name == 'world_validation': exs = world_train_splits(seed)['validation']
     elif name == 'math_validation': exs = math_validation(seed)
-    else: return load_benchmark(name, limit=n, seed=seed)
+    else:
+        try: return load_benchmark(name, limit=n, seed=seed)
+        except KeyError as e: raise ValueError(f"{e.args[0]} (or world, world_validation, math_validation)") from None
     return exs if n is None or n >= len(exs) else random.Random(seed).sample(exs, n)
 
 # %% ../nbs/12_cli.ipynb #1795dc26
