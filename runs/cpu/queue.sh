@@ -20,18 +20,20 @@ LOG=${QUEUE_LOG:-.cache/queue}; mkdir -p "$LOG"
 S=runs/cpu/students; V=runs/cpu/validation
 # glibc keeps freed blocks in the heap (training spent 46 % of its time in page faults otherwise; Makefile).
 TRAIN="env MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 $PY -m agent_distillation.distill"
-# The 0.5B on the grown data (~1.36 M tokens for 2 epochs, ~12 h at the first run's 30.8 tokens/s): no gradient
-# checkpointing and glibc's default malloc, 3.5 instead of 5.4 min per step on the 8 longest trajectories at the same
-# peak memory (13.4 GB; Makefile), so more of it fits in each session.
+# The 0.5B on the grown data (754 trajectories, 676,967 tokens an epoch): no gradient checkpointing and glibc's default
+# malloc, 3.5 instead of 5.4 min per step on the 8 longest trajectories at the same peak memory (13.4 GB; Makefile).
+# Measured 2026-12-06 with the machine left to it: ~100 tokens/s (the first run logged 30.8 with checkpointing, sharing
+# the CPU with helpers), so two epochs take ~3.8 h: more than a session, hence --save-checkpoint.
 TRAIN_FAST="$PY -m agent_distillation.distill"
 AGENT=runs/cpu/teacher/agent.jsonl,runs/cpu/teacher-rest/agent.jsonl
 COT=runs/cpu/teacher/cot.jsonl,runs/cpu/teacher-rest/cot.jsonl
 EV="$AD evaluate --benchmarks world_validation,math_validation --n 1000"
 
 # name | finished when | command | folders to commit
-# A name ending in @gpu cannot finish on this CPU within a session and cannot resume in the next one: the 135M students
-# are fully fine-tuned (float32 weights + AdamW state: a 1.6 GB checkpoint, too big to commit), ~1.36 M tokens for two
-# epochs of the grown data. The CPU queue stops there; they run on a lent GPU (runs/gpu/lease.sh) or in one long run.
+# A name ending in @long must run start to finish within one session: the 135M students are fully fine-tuned (float32
+# weights + AdamW state: a 1.6 GB checkpoint, too big to commit, so nothing carries over to the next session). Measured
+# 2026-12-06: 173 tokens/s, so two epochs of the grown agent data take ~2.2 h. The queue stops before such a step unless
+# QUEUE_LONG=1 (set it when the session has the time ahead of it), or run it on a lent GPU (runs/gpu/lease.sh).
 STEPS=(
 "teacher-rest|teacher_done runs/cpu/teacher-rest 950|$AD teacher --out_dir runs/cpu/teacher-rest --world_split rest --n_world 750 --math_benchmark math_medium --n_math 200 --n_world_test 0 --modes cot,agent|runs/cpu/teacher-rest"
 "0.5b-agent-grown|trained $S/qwen2.5-coder-0.5b-agent-grown-r16|$TRAIN_FAST $AGENT --base qwen2.5-coder-0.5b-instruct --lora_r 16 --lora_alpha 32 --epochs 2 --save_steps 5 --out_dir $S/qwen2.5-coder-0.5b-agent-grown-r16|$S/qwen2.5-coder-0.5b-agent-grown-r16"
@@ -39,9 +41,9 @@ STEPS=(
 "teacher-validation|records $V/teacher.llama-cpp.jsonl 420|$EV --methods teacher_agent,teacher_cot --out $V/teacher.llama-cpp.jsonl|$V"
 "0.5b-cot-grown|trained $S/qwen2.5-coder-0.5b-cot-grown-r16|$TRAIN $COT --kind cot --base qwen2.5-coder-0.5b-instruct --lora_r 16 --lora_alpha 32 --epochs 2 --save_steps 5 --gradient_checkpointing --out_dir $S/qwen2.5-coder-0.5b-cot-grown-r16|$S/qwen2.5-coder-0.5b-cot-grown-r16"
 "0.5b-cot-grown-val|records $V/0.5b-cot-grown-r16.llama-cpp.jsonl 210|$EV --engine llama.cpp --base qwen2.5-coder-0.5b-instruct --methods cot_distill --adapter none --cot_adapter $S/qwen2.5-coder-0.5b-cot-grown-r16 --out $V/0.5b-cot-grown-r16.llama-cpp.jsonl|$V"
-"135m-agent-grown@gpu|trained $S/smollm2-135m-agent-grown-full|$TRAIN $AGENT --full_finetune --lr 5e-5 --epochs 2 --save_steps 10 --out_dir $S/smollm2-135m-agent-grown-full|$S/smollm2-135m-agent-grown-full"
+"135m-agent-grown@long|trained $S/smollm2-135m-agent-grown-full|$TRAIN $AGENT --full_finetune --lr 5e-5 --epochs 2 --save_steps 10 --out_dir $S/smollm2-135m-agent-grown-full|$S/smollm2-135m-agent-grown-full"
 "135m-agent-grown-val|records $V/135m-agent-grown-full.transformers.jsonl 210|$EV --engine transformers --base smollm2-135m-instruct --methods agent_distill --adapter $S/smollm2-135m-agent-grown-full --cot_adapter none --out $V/135m-agent-grown-full.transformers.jsonl|$V"
-"135m-cot-grown@gpu|trained $S/smollm2-135m-cot-grown-full|$TRAIN $COT --kind cot --full_finetune --lr 5e-5 --epochs 2 --save_steps 10 --out_dir $S/smollm2-135m-cot-grown-full|$S/smollm2-135m-cot-grown-full"
+"135m-cot-grown@long|trained $S/smollm2-135m-cot-grown-full|$TRAIN $COT --kind cot --full_finetune --lr 5e-5 --epochs 2 --save_steps 10 --out_dir $S/smollm2-135m-cot-grown-full|$S/smollm2-135m-cot-grown-full"
 "135m-cot-grown-val|records $V/135m-cot-grown-full.transformers.jsonl 210|$EV --engine transformers --base smollm2-135m-instruct --methods cot_distill --adapter none --cot_adapter $S/smollm2-135m-cot-grown-full --out $V/135m-cot-grown-full.transformers.jsonl|$V"
 )
 
@@ -90,9 +92,9 @@ echo $$ > "$LOG/pid"
 for s in "${STEPS[@]}"; do
   name=$(field "$s" 1); check=$(field "$s" 2); cmd=$(field "$s" 3); paths=$(field "$s" 4)
   if eval "$check"; then echo "$(date +%T) $name: finished"; continue; fi
-  if [[ $name == *@gpu ]] && [ -z "${QUEUE_GPU_STEPS_ON_CPU:-}" ]; then
-    echo "$(date +%T) $name: needs one uninterrupted run longer than a session, or a GPU lease (runs/gpu/lease.sh); the queue stops here"
-    echo "  (QUEUE_GPU_STEPS_ON_CPU=1 runs it here anyway)"; exit 1
+  if [[ $name == *@long ]] && [ -z "${QUEUE_LONG:-}" ]; then
+    echo "$(date +%T) $name: must finish within one session (no checkpoint carries over); QUEUE_LONG=1 starts it. The queue stops here"
+    exit 1
   fi
   echo "$(date +%T) $name: $cmd"
   ( while sleep 1200; do commit_outputs "$paths" "Queue ($name): progress"; done ) & committer=$!
