@@ -317,6 +317,7 @@ def evaluate(methods: str = 'agent_distill,cot_distill',  # comma-separated `MET
              base: str = DEFAULT_STUDENT['base'],         # the student's base model
              adapter: str = DEFAULT_STUDENT['agent'],     # its agent-distilled LoRA run folder
              cot_adapter: str = DEFAULT_STUDENT['cot'],   # its CoT-distilled LoRA run folder
+             ftp_adapter: str = DEFAULT_STUDENT['ftp'] or 'none',  # its FTP-distilled LoRA run folder (the agent_distill_ftp methods)
              corpus: str = 'world',                       # what retrieve() searches
              sag_n: int = 8,                              # SAG samples per step
              max_steps: int = 5,                          # agent steps
@@ -340,7 +341,7 @@ def evaluate(methods: str = 'agent_distill,cot_distill',  # comma-separated `MET
     for name in names:
         with (_teacher_as(name, teacher_model, corpus, seed) if name.startswith('teacher_') else
               make_method(name, base, adapter, cot_adapter, corpus, sag_n, max_steps, max_new_tokens, cot_max_new_tokens, seed, lms, engine=engine,
-                          device=device, batch_size=batch_size)) as m:
+                          device=device, batch_size=batch_size, ftp_adapter=None if ftp_adapter == 'none' else ftp_adapter)) as m:
             frames.append(run_eval(m, exs, out=out))
     _stop_served(*lms.values())
     t = results_table(*frames)

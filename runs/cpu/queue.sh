@@ -27,6 +27,7 @@ TRAIN="env MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184
 TRAIN_FAST="$PY -m agent_distillation.distill"
 AGENT=runs/cpu/teacher/agent.jsonl,runs/cpu/teacher-rest/agent.jsonl
 COT=runs/cpu/teacher/cot.jsonl,runs/cpu/teacher-rest/cot.jsonl
+AGENT_FTP=runs/cpu/teacher/agent_ftp.jsonl,runs/cpu/teacher-rest/agent_ftp.jsonl  # first-thought-prefix trajectories
 EV="$AD evaluate --benchmarks world_validation,math_validation --n 1000"
 
 # name | finished when | command | folders to commit
@@ -41,15 +42,18 @@ STEPS=(
 "teacher-validation|records $V/teacher.llama-cpp.jsonl 420|$EV --methods teacher_agent,teacher_cot --out $V/teacher.llama-cpp.jsonl|$V"
 "0.5b-cot-grown|trained $S/qwen2.5-coder-0.5b-cot-grown-r16|$TRAIN $COT --kind cot --base qwen2.5-coder-0.5b-instruct --lora_r 16 --lora_alpha 32 --epochs 2 --save_steps 5 --gradient_checkpointing --out_dir $S/qwen2.5-coder-0.5b-cot-grown-r16|$S/qwen2.5-coder-0.5b-cot-grown-r16"
 "0.5b-cot-grown-val|records $V/0.5b-cot-grown-r16.llama-cpp.jsonl 210|$EV --engine llama.cpp --base qwen2.5-coder-0.5b-instruct --methods cot_distill --adapter none --cot_adapter $S/qwen2.5-coder-0.5b-cot-grown-r16 --out $V/0.5b-cot-grown-r16.llama-cpp.jsonl|$V"
+"teacher-rest-ftp|teacher_done runs/cpu/teacher-rest 950 agent_ftp|$AD teacher --out_dir runs/cpu/teacher-rest --world_split rest --n_world 750 --math_benchmark math_medium --n_math 200 --n_world_test 0 --modes cot,agent,agent_ftp|runs/cpu/teacher-rest"
+"0.5b-agent-ftp-grown|trained $S/qwen2.5-coder-0.5b-agent-ftp-grown-r16|$TRAIN_FAST $AGENT_FTP --base qwen2.5-coder-0.5b-instruct --lora_r 16 --lora_alpha 32 --epochs 2 --save_steps 5 --out_dir $S/qwen2.5-coder-0.5b-agent-ftp-grown-r16|$S/qwen2.5-coder-0.5b-agent-ftp-grown-r16"
+"0.5b-agent-ftp-grown-val|records $V/0.5b-agent-ftp-grown-r16.llama-cpp.jsonl 210|$EV --engine llama.cpp --base qwen2.5-coder-0.5b-instruct --methods agent_distill_ftp --adapter none --cot_adapter none --ftp_adapter $S/qwen2.5-coder-0.5b-agent-ftp-grown-r16 --out $V/0.5b-agent-ftp-grown-r16.llama-cpp.jsonl|$V"
 "135m-agent-grown@long|trained $S/smollm2-135m-agent-grown-full|$TRAIN $AGENT --full_finetune --lr 5e-5 --epochs 2 --save_steps 10 --out_dir $S/smollm2-135m-agent-grown-full|$S/smollm2-135m-agent-grown-full"
 "135m-agent-grown-val|records $V/135m-agent-grown-full.transformers.jsonl 210|$EV --engine transformers --base smollm2-135m-instruct --methods agent_distill --adapter $S/smollm2-135m-agent-grown-full --cot_adapter none --out $V/135m-agent-grown-full.transformers.jsonl|$V"
 "135m-cot-grown@long|trained $S/smollm2-135m-cot-grown-full|$TRAIN $COT --kind cot --full_finetune --lr 5e-5 --epochs 2 --save_steps 10 --out_dir $S/smollm2-135m-cot-grown-full|$S/smollm2-135m-cot-grown-full"
 "135m-cot-grown-val|records $V/135m-cot-grown-full.transformers.jsonl 210|$EV --engine transformers --base smollm2-135m-instruct --methods cot_distill --adapter none --cot_adapter $S/smollm2-135m-cot-grown-full --out $V/135m-cot-grown-full.transformers.jsonl|$V"
 )
 
-teacher_done() {  # folder, units per mode: every mode of the run has answered that many questions
+teacher_done() {  # folder, units per mode[, modes]: each mode (default cot,agent) has answered that many questions
   $PY -c "import json, sys; r = json.load(open('$1/provenance.json'))['results']; \
-sys.exit(0 if all(v['done'] >= $2 for k, v in r.items() if k in ('cot', 'agent')) else 1)" 2>/dev/null
+sys.exit(0 if all(r[k]['done'] >= $2 for k in '${3:-cot,agent}'.split(',')) else 1)" 2>/dev/null
 }
 records() { [ -f "$1" ] && [ "$(wc -l < "$1")" -ge "$2" ]; }  # an evaluate file with at least N records
 trained() { $PY -c "import json, sys; sys.exit(0 if json.load(open('$1/settings.json')).get('finished') else 1)" 2>/dev/null; }
