@@ -61,15 +61,26 @@ trained() { $PY -c "import json, sys; sys.exit(0 if json.load(open('$1/settings.
 field() { cut -d'|' -f"$2" <<< "$1"; }
 commit_outputs() {  # paths, message[, checkpoint to keep | "drop"]: commit the step's own folders through a private
   # index (never whatever else is staged in the checkout); a committed training checkpoint is replaced by the one named,
-  # or leaves the tree with "drop" (the run finished), or stays
-  local paths=$1 msg=$2 ckpt=${3:-} rc
-  export GIT_INDEX_FILE=$(mktemp -u); git read-tree HEAD
-  if [ -n "$ckpt" ]; then for p in $paths; do git rm -r -q --cached --ignore-unmatch -- "$p"/checkpoint-* >/dev/null; done; fi
-  [ -n "$ckpt" ] && [ "$ckpt" != drop ] && git add -f -- "$ckpt"
-  git add -- $paths 2>/dev/null
-  if git diff --cached --quiet HEAD; then rc=1
-  else git update-ref HEAD "$(git commit-tree "$(git write-tree)" -p HEAD -m "$msg")"; rc=$?; fi
-  rm -f "$GIT_INDEX_FILE"; unset GIT_INDEX_FILE; git reset -q -- $paths
+  # leaves the tree with "drop" (the run finished), or else stays, even once the trainer has rotated it off the disk.
+  # Serialised (the 20-min committer, a step's last commit and --save-checkpoint never interleave); HEAD is
+  # compare-and-swapped, so a commit made meanwhile is never reverted or dropped. rc 0 committed, 1 nothing new, 2 failed.
+  ( flock 9; _commit_outputs "$@" ) 9>"$(git rev-parse --git-path queue-commit.lock)"
+}
+_commit_outputs() {
+  local paths=$1 msg=$2 ckpt=${3:-} head new p ok=1 rc
+  head=$(git rev-parse --verify HEAD) || return 2
+  export GIT_INDEX_FILE=$(mktemp -u); git read-tree "$head"
+  for p in $paths; do
+    [ -n "$ckpt" ] && git rm -r -q --cached --ignore-unmatch -- "$p/checkpoint-*" >/dev/null
+    [ -e "$p" ] || continue
+    if [ -n "$ckpt" ]; then git add -A -- "$p" || ok=
+    else git add -A -- "$p" ":(exclude)$p/checkpoint-*" || ok=; fi
+  done
+  [ -n "$ckpt" ] && [ "$ckpt" != drop ] && { git add -f -- "$ckpt" || ok=; }
+  if [ -z "$ok" ]; then rc=2
+  elif git diff --cached --quiet "$head"; then rc=1
+  else new=$(git commit-tree "$(git write-tree)" -p "$head" -m "$msg") && git update-ref HEAD "$new" "$head" && rc=0 || rc=2; fi
+  rm -f "$GIT_INDEX_FILE"; unset GIT_INDEX_FILE; [ $rc = 0 ] && git reset -q -- $paths
   [ $rc = 0 ] && echo "$(date +%T) committed $paths${ckpt:+ ($ckpt)}"
   return $rc
 }
@@ -82,9 +93,12 @@ case "${1:-}" in
     # gitignored and a checkout does not outlive its session); the older committed one leaves the tree
     for s in "${STEPS[@]}"; do
       check=$(field "$s" 2); [[ $check == trained* ]] || continue; eval "$check" && continue
-      out=${check#trained }; last=$(ls -d "$out"/checkpoint-* 2>/dev/null | sort -V | tail -1)
-      [ -n "$last" ] || { echo "no checkpoint in $out yet"; exit 0; }
-      commit_outputs "$out" "Queue ($(field "$s" 1)): $last, to resume next session" "$last"; exit $?
+      [[ $(field "$s" 1) == *@long ]] && { echo "$(field "$s" 1): @long, its checkpoints are never committed"; exit 0; }
+      out=${check#trained }  # the newest complete checkpoint: the trainer writes trainer_state.json last
+      last=$(ls -d "$out"/checkpoint-*/trainer_state.json 2>/dev/null | sort -V | tail -1); last=${last%/trainer_state.json}
+      [ -n "$last" ] || { echo "no complete checkpoint in $out yet"; exit 0; }
+      commit_outputs "$out" "Queue ($(field "$s" 1)): $last, to resume next session" "$last"; rc=$?
+      [ $rc = 1 ] && { echo "$last is already committed"; rc=0; }; exit $rc
     done; echo 'no training step running'; exit 0;;
   --pause|--resume)
     sig=$([ "$1" = --pause ] && echo STOP || echo CONT)
@@ -96,7 +110,7 @@ echo $$ > "$LOG/pid"
 for s in "${STEPS[@]}"; do
   name=$(field "$s" 1); check=$(field "$s" 2); cmd=$(field "$s" 3); paths=$(field "$s" 4)
   if eval "$check"; then echo "$(date +%T) $name: finished"; continue; fi
-  if [[ $name == *@long ]] && [ -z "${QUEUE_LONG:-}" ]; then
+  if [[ $name == *@long ]] && [ "${QUEUE_LONG:-0}" != 1 ]; then
     echo "$(date +%T) $name: must finish within one session (no checkpoint carries over); QUEUE_LONG=1 starts it. The queue stops here"
     exit 1
   fi
