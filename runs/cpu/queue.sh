@@ -17,7 +17,7 @@ export AGENT_DISTILLATION_DATA=${AGENT_DISTILLATION_DATA:-$(realpath ../shared/d
 export LLAMA_SERVER=${LLAMA_SERVER:-$PWD/.venv/bin/llama-server}
 PY=.venv/bin/python; AD=.venv/bin/agent-distill
 LOG=${QUEUE_LOG:-.cache/queue}; mkdir -p "$LOG"
-S=runs/cpu/students; V=runs/cpu/validation
+S=runs/cpu/students; V=runs/cpu/validation; T=runs/cpu/table2_records  # T: the table's rows (#16), 400 questions each
 # glibc keeps freed blocks in the heap (training spent 46 % of its time in page faults otherwise; Makefile).
 TRAIN="env MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 $PY -m agent_distillation.distill"
 # The 0.5B on the grown data (754 trajectories, 676,967 tokens an epoch): no gradient checkpointing and glibc's default
@@ -45,6 +45,8 @@ STEPS=(
 "teacher-rest-ftp|teacher_done runs/cpu/teacher-rest 950 agent_ftp|$AD teacher --out_dir runs/cpu/teacher-rest --world_split rest --n_world 750 --math_benchmark math_medium --n_math 200 --n_world_test 0 --modes cot,agent,agent_ftp|runs/cpu/teacher-rest"
 "0.5b-agent-ftp-grown|trained $S/qwen2.5-coder-0.5b-agent-ftp-grown-r16|$TRAIN_FAST $AGENT_FTP --base qwen2.5-coder-0.5b-instruct --lora_r 16 --lora_alpha 32 --epochs 2 --save_steps 5 --out_dir $S/qwen2.5-coder-0.5b-agent-ftp-grown-r16|$S/qwen2.5-coder-0.5b-agent-ftp-grown-r16"
 "0.5b-agent-ftp-grown-val|records $V/0.5b-agent-ftp-grown-r16.llama-cpp.jsonl 210|$EV --engine llama.cpp --base qwen2.5-coder-0.5b-instruct --methods agent_distill_ftp --adapter none --cot_adapter none --ftp_adapter $S/qwen2.5-coder-0.5b-agent-ftp-grown-r16 --out $V/0.5b-agent-ftp-grown-r16.llama-cpp.jsonl|$V"
+"table-teacher|rows_done teacher__cot teacher__agent|$AD reproduce --profile cpu --rows teacher/cot,teacher/agent|$T runs/cpu/table2.json"
+"table-prompting|rows_done 0.5b__cot_prompting 0.5b__agent_prompting 135m__cot_prompting 135m__agent_prompting|$AD reproduce --profile cpu --rows 0.5b/cot_prompting,0.5b/agent_prompting,135m/cot_prompting,135m/agent_prompting|$T runs/cpu/table2.json"
 "135m-agent-grown@long|trained $S/smollm2-135m-agent-grown-full|$TRAIN $AGENT --full_finetune --lr 5e-5 --epochs 2 --save_steps 10 --out_dir $S/smollm2-135m-agent-grown-full|$S/smollm2-135m-agent-grown-full"
 "135m-agent-grown-val|records $V/135m-agent-grown-full.transformers.jsonl 210|$EV --engine transformers --base smollm2-135m-instruct --methods agent_distill --adapter $S/smollm2-135m-agent-grown-full --cot_adapter none --out $V/135m-agent-grown-full.transformers.jsonl|$V"
 "135m-cot-grown@long|trained $S/smollm2-135m-cot-grown-full|$TRAIN $COT --kind cot --full_finetune --lr 5e-5 --epochs 2 --save_steps 10 --out_dir $S/smollm2-135m-cot-grown-full|$S/smollm2-135m-cot-grown-full"
@@ -56,6 +58,7 @@ teacher_done() {  # folder, units per mode[, modes]: each mode (default cot,agen
 sys.exit(0 if all(r[k]['done'] >= $2 for k in '${3:-cot,agent}'.split(',')) else 1)" 2>/dev/null
 }
 records() { [ -f "$1" ] && [ "$(wc -l < "$1")" -ge "$2" ]; }  # an evaluate file with at least N records
+rows_done() { local r; for r in "$@"; do records "$T/$r.jsonl" 400 || return 1; done; }  # table rows with every question
 trained() { $PY -c "import json, sys; sys.exit(0 if json.load(open('$1/settings.json')).get('finished') else 1)" 2>/dev/null; }
 
 field() { cut -d'|' -f"$2" <<< "$1"; }
