@@ -35,6 +35,9 @@ EV="$AD evaluate --benchmarks world_validation,math_validation --n 1000"
 # weights + AdamW state: a 1.6 GB checkpoint, too big to commit, so nothing carries over to the next session). Measured
 # 2026-12-06: 173 tokens/s, so two epochs of the grown agent data take ~2.2 h. The queue stops before such a step unless
 # QUEUE_LONG=1 (set it when the session has the time ahead of it), or run it on a lent GPU (runs/gpu/lease.sh).
+# LoRA r64 for the 0.5B is @long too: its checkpoint is 423 MB (optimizer.pt alone 282 MB, over what a git host takes
+# in one file), so the r16-vs-r64 check runs on the first teacher run's 196 trajectories (~367 k tokens, about 1 h),
+# against the committed r16 student trained on the same data; the 0.5B model (469 MB) is too big to carry to a lent GPU.
 STEPS=(
 "teacher-rest|teacher_done runs/cpu/teacher-rest 950|$AD teacher --out_dir runs/cpu/teacher-rest --world_split rest --n_world 750 --math_benchmark math_medium --n_math 200 --n_world_test 0 --modes cot,agent|runs/cpu/teacher-rest"
 "0.5b-agent-grown|trained $S/qwen2.5-coder-0.5b-agent-grown-r16|$TRAIN_FAST $AGENT --base qwen2.5-coder-0.5b-instruct --lora_r 16 --lora_alpha 32 --epochs 2 --save_steps 5 --out_dir $S/qwen2.5-coder-0.5b-agent-grown-r16|$S/qwen2.5-coder-0.5b-agent-grown-r16"
@@ -45,10 +48,10 @@ STEPS=(
 "teacher-rest-ftp|teacher_done runs/cpu/teacher-rest 950 agent_ftp|$AD teacher --out_dir runs/cpu/teacher-rest --world_split rest --n_world 750 --math_benchmark math_medium --n_math 200 --n_world_test 0 --modes cot,agent,agent_ftp|runs/cpu/teacher-rest"
 "0.5b-agent-ftp-grown|trained $S/qwen2.5-coder-0.5b-agent-ftp-grown-r16|$TRAIN_FAST $AGENT_FTP --base qwen2.5-coder-0.5b-instruct --lora_r 16 --lora_alpha 32 --epochs 2 --save_steps 5 --out_dir $S/qwen2.5-coder-0.5b-agent-ftp-grown-r16|$S/qwen2.5-coder-0.5b-agent-ftp-grown-r16"
 "0.5b-agent-ftp-grown-val|records $V/0.5b-agent-ftp-grown-r16.llama-cpp.jsonl 210|$EV --engine llama.cpp --base qwen2.5-coder-0.5b-instruct --methods agent_distill_ftp --adapter none --cot_adapter none --ftp_adapter $S/qwen2.5-coder-0.5b-agent-ftp-grown-r16 --out $V/0.5b-agent-ftp-grown-r16.llama-cpp.jsonl|$V"
-"0.5b-agent-grown-r64|trained $S/qwen2.5-coder-0.5b-agent-grown-r64|$TRAIN_FAST $AGENT --base qwen2.5-coder-0.5b-instruct --lora_r 64 --lora_alpha 128 --epochs 2 --save_steps 5 --out_dir $S/qwen2.5-coder-0.5b-agent-grown-r64|$S/qwen2.5-coder-0.5b-agent-grown-r64"
-"0.5b-agent-grown-r64-val|records $V/0.5b-agent-grown-r64.llama-cpp.jsonl 210|$EV --engine llama.cpp --base qwen2.5-coder-0.5b-instruct --methods agent_distill --adapter $S/qwen2.5-coder-0.5b-agent-grown-r64 --cot_adapter none --out $V/0.5b-agent-grown-r64.llama-cpp.jsonl|$V"
 "table-teacher|rows_done teacher__cot teacher__agent|$AD reproduce --profile cpu --rows teacher/cot,teacher/agent|$T runs/cpu/table2.json"
 "table-prompting|rows_done 0.5b__cot_prompting 0.5b__agent_prompting 135m__cot_prompting 135m__agent_prompting|$AD reproduce --profile cpu --rows 0.5b/cot_prompting,0.5b/agent_prompting,135m/cot_prompting,135m/agent_prompting|$T runs/cpu/table2.json"
+"0.5b-agent-r64@long|trained $S/qwen2.5-coder-0.5b-agent-r64|$TRAIN_FAST runs/cpu/teacher/agent.jsonl --base qwen2.5-coder-0.5b-instruct --lora_r 64 --lora_alpha 128 --epochs 2 --save_steps 5 --out_dir $S/qwen2.5-coder-0.5b-agent-r64|$S/qwen2.5-coder-0.5b-agent-r64"
+"0.5b-agent-r64-val|records $V/0.5b-agent-r64.llama-cpp.jsonl 210|$EV --engine llama.cpp --base qwen2.5-coder-0.5b-instruct --methods agent_distill --adapter $S/qwen2.5-coder-0.5b-agent-r64 --cot_adapter none --out $V/0.5b-agent-r64.llama-cpp.jsonl|$V"
 "135m-agent-grown@long|trained $S/smollm2-135m-agent-grown-full|$TRAIN $AGENT --full_finetune --lr 5e-5 --epochs 2 --save_steps 10 --out_dir $S/smollm2-135m-agent-grown-full|$S/smollm2-135m-agent-grown-full"
 "135m-agent-grown-val|records $V/135m-agent-grown-full.transformers.jsonl 210|$EV --engine transformers --base smollm2-135m-instruct --methods agent_distill --adapter $S/smollm2-135m-agent-grown-full --cot_adapter none --out $V/135m-agent-grown-full.transformers.jsonl|$V"
 "135m-cot-grown@long|trained $S/smollm2-135m-cot-grown-full|$TRAIN $COT --kind cot --full_finetune --lr 5e-5 --epochs 2 --save_steps 10 --out_dir $S/smollm2-135m-cot-grown-full|$S/smollm2-135m-cot-grown-full"
