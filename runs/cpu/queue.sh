@@ -2,10 +2,12 @@
 # The CPU's heavy jobs for the students (#18) and the table (#16), one at a time, in the issues' order: the grown
 # teacher run, then the 0.5B student on its data (the main student) and its validation, then the teacher on validation.
 #
-#   runs/cpu/queue.sh            # run every unfinished step in order (nice 19), committing outputs every 20 min
+#   setsid runs/cpu/queue.sh &   # run every unfinished step in order (nice 19), committing outputs every 20 min
+#                                # (its own process group: --pause/--resume/--stop-and-save signal that group)
 #   runs/cpu/queue.sh --list     # what each step is and whether it is finished
 #   runs/cpu/queue.sh --pause / --resume   # SIGSTOP / SIGCONT the running step (the test suite wants both cores)
-#   runs/cpu/queue.sh --save-checkpoint    # before the session ends: commit the running training's latest checkpoint
+#   runs/cpu/queue.sh --stop-and-save      # ~15 min before the session ends: stop after the next checkpoint, commit it
+#   runs/cpu/queue.sh --save-checkpoint    # commit the running training's newest complete checkpoint
 #
 # Every step resumes where it stopped (teacher JSONL and evaluate records skip answered questions; training restarts
 # from its latest checkpoint, every 5 optimizer steps), and a step counts as finished by what its committed output says,
@@ -108,6 +110,20 @@ case "${1:-}" in
       commit_outputs "$out" "Queue ($(field "$s" 1)): $last, to resume next session" "$last"; rc=$?
       [ $rc = 1 ] && { echo "$last is already committed"; rc=0; }; exit $rc
     done; echo 'no training step running'; exit 0;;
+  --stop-and-save)  # before a session ends: a training step waits (at most ${2:-900} s) for its next complete checkpoint,
+    # then the queue stops and the checkpoint is committed (what it trained after that is lost either way); any other
+    # step stops at once and its outputs so far are committed
+    for s in "${STEPS[@]}"; do
+      check=$(field "$s" 2); eval "$check" && continue
+      newest() { ls -d "${check#trained }"/checkpoint-*/trainer_state.json 2>/dev/null | sort -V | tail -1; }
+      if [[ $check == trained* ]] && [[ $(field "$s" 1) != *@long ]]; then
+        before=$(newest); end=$((SECONDS + ${2:-900}))
+        while [ "$(newest)" = "$before" ] && [ $SECONDS -lt $end ]; do sleep 5; done
+      fi
+      [ -f "$LOG/pid" ] && pkill -TERM -g "$(cat "$LOG/pid")" && echo "stopped the queue ($(field "$s" 1))"; sleep 3
+      [[ $check == trained* ]] && exec "$0" --save-checkpoint
+      commit_outputs "$(field "$s" 4)" "Queue ($(field "$s" 1)): stopped at the session's end"; exit 0
+    done; echo 'every step is finished'; exit 0;;
   --pause|--resume)
     sig=$([ "$1" = --pause ] && echo STOP || echo CONT)
     [ -f "$LOG/pid" ] && pkill -$sig -g "$(cat "$LOG/pid")" && echo "sent SIG$sig to the queue's process group" || echo 'no queue running'
