@@ -33,7 +33,7 @@ AGENT_FTP=runs/cpu/teacher/agent_ftp.jsonl,runs/cpu/teacher-rest/agent_ftp.jsonl
 EV="$AD evaluate --benchmarks world_validation,math_validation --n 1000"
 
 # name | finished when | command | folders to commit
-# A name ending in @long must run start to finish within one session: the 135M students are fully fine-tuned (float32
+# A name ending in @long must run start to finish within one session: the 135M agent student is fully fine-tuned (float32
 # weights + AdamW state: a 1.6 GB checkpoint, too big to commit, so nothing carries over to the next session). Measured
 # 2026-12-06: 173 tokens/s, so two epochs of the grown agent data take ~2.2 h. The queue stops before such a step unless
 # QUEUE_LONG=1 (set it when the session has the time ahead of it), or run it on a lent GPU (runs/gpu/lease.sh).
@@ -52,12 +52,12 @@ STEPS=(
 "0.5b-agent-ftp-grown-val|records $V/0.5b-agent-ftp-grown-r16.llama-cpp.jsonl 210|$EV --engine llama.cpp --base qwen2.5-coder-0.5b-instruct --methods agent_distill_ftp --adapter none --cot_adapter none --ftp_adapter $S/qwen2.5-coder-0.5b-agent-ftp-grown-r16 --out $V/0.5b-agent-ftp-grown-r16.llama-cpp.jsonl|$V"
 "table-teacher|rows_done teacher__cot teacher__agent|$AD reproduce --profile cpu --rows teacher/cot,teacher/agent|$T runs/cpu/table2.json"
 "table-prompting|rows_done 0.5b__cot_prompting 0.5b__agent_prompting 135m__cot_prompting 135m__agent_prompting|$AD reproduce --profile cpu --rows 0.5b/cot_prompting,0.5b/agent_prompting,135m/cot_prompting,135m/agent_prompting|$T runs/cpu/table2.json"
+"135m-cot-grown|trained $S/smollm2-135m-cot-grown-full|$TRAIN $COT --kind cot --full_finetune --lr 5e-5 --epochs 2 --save_steps 10 --out_dir $S/smollm2-135m-cot-grown-full|$S/smollm2-135m-cot-grown-full"
+"135m-cot-grown-val|records $V/135m-cot-grown-full.transformers.jsonl 210|$EV --engine transformers --base smollm2-135m-instruct --methods cot_distill --adapter none --cot_adapter $S/smollm2-135m-cot-grown-full --out $V/135m-cot-grown-full.transformers.jsonl|$V"
 "0.5b-agent-r64@long|trained $S/qwen2.5-coder-0.5b-agent-r64|$TRAIN_FAST runs/cpu/teacher/agent.jsonl --base qwen2.5-coder-0.5b-instruct --lora_r 64 --lora_alpha 128 --epochs 2 --save_steps 5 --out_dir $S/qwen2.5-coder-0.5b-agent-r64|$S/qwen2.5-coder-0.5b-agent-r64"
 "0.5b-agent-r64-val|records $V/0.5b-agent-r64.llama-cpp.jsonl 210|$EV --engine llama.cpp --base qwen2.5-coder-0.5b-instruct --methods agent_distill --adapter $S/qwen2.5-coder-0.5b-agent-r64 --cot_adapter none --out $V/0.5b-agent-r64.llama-cpp.jsonl|$V"
 "135m-agent-grown@long|trained $S/smollm2-135m-agent-grown-full|$TRAIN $AGENT --full_finetune --lr 5e-5 --epochs 2 --save_steps 10 --out_dir $S/smollm2-135m-agent-grown-full|$S/smollm2-135m-agent-grown-full"
 "135m-agent-grown-val|records $V/135m-agent-grown-full.transformers.jsonl 210|$EV --engine transformers --base smollm2-135m-instruct --methods agent_distill --adapter $S/smollm2-135m-agent-grown-full --cot_adapter none --out $V/135m-agent-grown-full.transformers.jsonl|$V"
-"135m-cot-grown@long|trained $S/smollm2-135m-cot-grown-full|$TRAIN $COT --kind cot --full_finetune --lr 5e-5 --epochs 2 --save_steps 10 --out_dir $S/smollm2-135m-cot-grown-full|$S/smollm2-135m-cot-grown-full"
-"135m-cot-grown-val|records $V/135m-cot-grown-full.transformers.jsonl 210|$EV --engine transformers --base smollm2-135m-instruct --methods cot_distill --adapter none --cot_adapter $S/smollm2-135m-cot-grown-full --out $V/135m-cot-grown-full.transformers.jsonl|$V"
 )
 
 teacher_done() {  # folder, units per mode[, modes]: each mode (default cot,agent) has answered that many questions
@@ -107,6 +107,8 @@ case "${1:-}" in
       out=${check#trained }  # the newest complete checkpoint: the trainer writes trainer_state.json last
       last=$(ls -d "$out"/checkpoint-*/trainer_state.json 2>/dev/null | sort -V | tail -1); last=${last%/trainer_state.json}
       [ -n "$last" ] || { echo "no complete checkpoint in $out yet"; exit 0; }
+      big=$(find "$last" -type f -size +95M | head -1)  # a git host refuses files over 100 MB (full fine-tuning, LoRA r64)
+      [ -z "$big" ] || { echo "$last holds $big ($(du -h "$big" | cut -f1)): too big to commit; this run cannot carry over"; exit 2; }
       commit_outputs "$out" "Queue ($(field "$s" 1)): $last, to resume next session" "$last"; rc=$?
       [ $rc = 1 ] && { echo "$last is already committed"; rc=0; }; exit $rc
     done; echo 'no training step running'; exit 0;;
