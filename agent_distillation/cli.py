@@ -552,7 +552,7 @@ def reproduce_paper(cfg: PaperScale,
     from agent_distillation.data import BENCHMARKS, load_benchmark
     from agent_distillation.evaluate import evaluate as run_eval, paper_methods, results_table, markdown_table
     from agent_distillation.models import OpenAILM
-    from agent_distillation.retriever import RemoteRetriever, make_retrieve_tool
+    from agent_distillation.retriever import make_retrieve_tool
     from agent_distillation.sandbox import Sandbox
     from agent_distillation.teacher import generate_all
     todo = [s.strip() for s in stages.split(',') if s.strip()]
@@ -563,7 +563,7 @@ def reproduce_paper(cfg: PaperScale,
         raise ValueError('the evaluate stage needs --student_url: a server of the student base with its LoRA modules, e.g. '
                          + vllm_serve_command(cfg, cfg.students[0]))
     out, t0 = Path(cfg.out), time.time()
-    retriever = RemoteRetriever(retriever_url) if retriever_url else make_retriever(corpus, seed)
+    retriever = make_retriever(retriever_url or corpus, seed)  # a URL is probed once: a dead server fails here
     tool = make_retrieve_tool(retriever, k=3)
     make_sandbox = lambda: Sandbox(tools=[tool])
     teacher = OpenAILM(teacher_url, cfg.teacher, tokenizer=cfg.teacher, max_concurrency=cfg.concurrency)
