@@ -71,8 +71,9 @@ llama-server: $(BIN)/llama-server
 teacher: models-big $(BIN)/llama-server
 	LLAMA_SERVER=$(BIN)/llama-server nice $(BIN)/agent-distill teacher
 
-# The four CPU students, trained on the committed teacher data (hours on 2 cores; resumable: run it again to continue).
+# The first CPU students (five runs), trained on the first teacher run's data (hours on 2 cores; resumable: run it again to continue).
 # A run folder refuses data or settings other than its own: after the teacher data grows, train into a new folder.
+# The students on the grown teacher data (runs/cpu/teacher-rest) are trained by runs/cpu/queue.sh, which lists their commands.
 TEACHER_OUT := runs/cpu/teacher
 STUDENTS_OUT := runs/cpu/students
 # LoRA r=16, alpha=32 (paper: 64/128) on every linear layer: a few hundred trajectories do not need more, and the bf16
@@ -95,7 +96,7 @@ students: models-big
 	$(DISTILL) $(TEACHER_OUT)/agent_ftp.jsonl --out_dir $(STUDENTS_OUT)/smollm2-135m-agent-ftp
 
 readme:
-	$(BIN)/jupyter nbconvert --to markdown index.ipynb --output README --log-level WARN
+	$(BIN)/jupyter nbconvert --config nbs/readme_nbconvert.py --to markdown index.ipynb --output README --log-level WARN
 
 export:
 	$(BIN)/nbdev_export

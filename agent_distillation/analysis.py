@@ -11,8 +11,9 @@ from .scoring import normalize_answer
 from .teacher import needs_computing, typed_final_answer, _final_answer_arg
 
 # %% auto #0
-__all__ = ['FAILURE_KINDS', 'table_records', 'cost_frame', 'answer_source', 'answer_sources', 'failure_kind', 'failure_frame',
-           'plot_failures', 'paired_counts', 'pick_cases', 'side_by_side', 'run_sag_sweep', 'sag_curve']
+__all__ = ['FAILURE_KINDS', 'table_records', 'cost_frame', 'parse_failure_change', 'answer_source', 'answer_sources',
+           'failure_kind', 'failure_frame', 'plot_failures', 'paired_counts', 'pick_cases', 'side_by_side',
+           'run_sag_sweep', 'sag_curve']
 
 # %% ../nbs/21_analysis.ipynb #dada737a
 def table_records(out_dir,                # a `table.run_table` folder (records under table2_records/)
@@ -41,6 +42,21 @@ def cost_frame(recs: dict[str, list[dict]],   # row -> `evaluate` records
                     'retrievals': mean('retrieval_calls'), 'code error %': share('code_errors'),
                     'parse failure %': share('parse_failures'), 'generated tokens': mean('completion_tokens'), 'seconds': mean('wall_s')}
     return pd.DataFrame.from_dict(out, orient='index').round(1)
+
+# %% ../nbs/21_analysis.ipynb #b9606917
+def parse_failure_change(recs: dict[str, list[dict]],  # row -> `evaluate` records (the table's `size/method` keys)
+                         source: str | None = None     # one benchmark; None: all
+                        ) -> pd.DataFrame:
+    "Per size with both rows: % of questions with a parse failure when prompted as an agent and after agent distillation (empty until both ran)."
+    rows = {}
+    for k in recs:
+        size, method = k.split('/', 1)
+        if method != 'agent_prompting' or f'{size}/agent_distill' not in recs: continue
+        share = lambda rs: 100 * sum(bool(r['parse_failures']) for r in rs) / len(rs) if rs else float('nan')
+        pick = lambda rs: [r for r in rs if source is None or r['source'] == source]
+        rows[size] = {'prompted (%)': share(pick(recs[k])), 'distilled (%)': share(pick(recs[f'{size}/agent_distill'])),
+                      'n': len(pick(recs[k]))}
+    return pd.DataFrame.from_dict(rows, orient='index', columns=['prompted (%)', 'distilled (%)', 'n']).round(1)
 
 # %% ../nbs/21_analysis.ipynb #03cbfbfe
 def answer_source(r: dict  # an `evaluate` record
@@ -135,14 +151,15 @@ def pick_cases(a: list[dict], b: list[dict],  # two rows' records (a: the agent 
     return win, loss
 
 def side_by_side(qid: str,                        # a question id
-                 recs: dict[str, list[dict]]      # row -> records (rows without the question are skipped)
+                 recs: dict[str, list[dict]],     # row -> records (rows without the question are skipped)
+                 source: str = 'world'            # its benchmark (ids of different benchmarks can coincide)
                 ) -> str:
     "The question's record from each row as text: an agent's trajectory step by step, a CoT answer's output, and the verdict."
     from agent_distillation.agent import Trajectory
     from agent_distillation.cli import format_trajectory
     out = []
     for row, rs in recs.items():
-        r = next((r for r in rs if str(r['id']) == str(qid)), None)
+        r = next((r for r in rs if r['source'] == source and str(r['id']) == str(qid)), None)
         if r is None: continue
         body = format_trajectory(Trajectory.from_dict(r['trajectory'])) if r.get('trajectory') else f"Task: {r['question']}\n{r.get('output', '')}"
         out.append(f"==== {row}: {'right' if r['acc'] else 'wrong'} (gold {r['gold']!r}, answered {r['prediction']!r})\n{body}")

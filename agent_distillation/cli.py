@@ -13,9 +13,10 @@ from .core import seed_everything, read_jsonl, load_json
 # %% auto #0
 __all__ = ['STUDENTS', 'DEFAULT_STUDENT', 'FAST_STUDENT', 'ENGINES', 'METHODS', 'PROFILES', 'PAPER_STAGES', 'COMMANDS',
            'resolve_adapter', 'resolve_engine', 'load_lm', 'resolve_device', 'make_retriever', 'format_trajectory',
-           'ask', 'load_records', 'export', 'train', 'load_examples', 'make_method', 'evaluate', 'reproduce',
-           'teacher_method', 'table_factories', 'table_settings', 'reproduce_table', 'PaperScale', 'lora_module_names',
-           'vllm_serve_command', 'reproduce_paper', 'serve_retriever', 'teacher', 'build_parser', 'main']
+           'ask', 'load_records', 'export', 'train', 'load_examples', 'producer', 'make_method', 'evaluate',
+           'reproduce', 'teacher_method', 'table_factories', 'table_settings', 'reproduce_table', 'PaperScale',
+           'lora_module_names', 'vllm_serve_command', 'reproduce_paper', 'serve_retriever', 'teacher', 'build_parser',
+           'main']
 
 # %% ../nbs/12_cli.ipynb #f8272024
 STUDENTS = {  # size -> its students: base model and LoRA run folders (agent-distilled, CoT-distilled twin, FTP-distilled or None)
@@ -262,7 +263,8 @@ _TRAIN_DEFAULTS = {k: v.default for k, v in inspect.signature(train).parameters.
 # %% ../nbs/12_cli.ipynb #0c8f1953
 def load_examples(name: str,   # 'world', 'world_validation', 'math_validation', or a `load_benchmark` name
                   n: int = None,  # a seeded subset of this size (None: all)
-                  seed: int = 0):
+                  seed: int = 0,  # the world's seed (the retriever's index must be built from the same) and the subset's
+                  sample_seed: int | None = None):  # another subset of the same questions (default: `seed`)
     "The questions of a benchmark by name, as `Example`s."
     import random
     from agent_distillation.data import load_benchmark
@@ -273,13 +275,23 @@ def load_examples(name: str,   # 'world', 'world_validation', 'math_validation',
     elif name == 'world_validation': exs = world_train_splits(seed)['validation']
     elif name == 'math_validation': exs = math_validation(seed)
     else:
-        try: return load_benchmark(name, limit=n, seed=seed)
+        try: return load_benchmark(name, limit=n, seed=seed if sample_seed is None else sample_seed)
         except KeyError as e: raise ValueError(f"{e.args[0]} (or world, world_validation, math_validation)") from None
-    return exs if n is None or n >= len(exs) else random.Random(seed).sample(exs, n)
+    return exs if n is None or n >= len(exs) else random.Random(seed if sample_seed is None else sample_seed).sample(exs, n)
 
 # %% ../nbs/12_cli.ipynb #1795dc26
 METHODS = ('cot_prompting', 'cot_distill', 'cot_distill_rag', 'agent_prompting', 'agent_distill', 'agent_distill_sag',
            'agent_distill_ftp', 'agent_distill_ftp_sag')
+
+def producer(base: str,          # the student's base model
+             adapter,            # the run folder its answers come from (None or 'none': the base model alone)
+             **params) -> dict:  # what else decides the answers: method, sampling, step and token limits, corpus, seed
+    "What produces a method's answers, as `evaluate` records it beside a records file: base, adapter run name and sha256 (`distill.adapter_info`), prompts' hash, `params`."
+    from agent_distillation.distill import adapter_info
+    from agent_distillation.prompts import all_prompts_hash
+    p = resolve_adapter(adapter)
+    return dict(base=base, adapter=p.name if p else None, adapter_sha256=adapter_info(p)['sha256'] if p else None,
+                prompts_hash=all_prompts_hash(), **params)
 
 def make_method(name: str, base: str, adapter: str, cot_adapter: str, corpus: str = 'world', sag_n: int = 8,
                 max_steps: int = 5, max_new_tokens: int = 384, cot_max_new_tokens: int = 512, seed: int = 0, _lms: dict = None,
@@ -301,6 +313,10 @@ def make_method(name: str, base: str, adapter: str, cot_adapter: str, corpus: st
         a = 'none' if name == 'agent_prompting' else ftp_adapter if 'ftp' in name else adapter
         m = AgentMethod(lm(a), lambda: Sandbox(tools=[tool]), student=name != 'agent_prompting', sag=name.endswith('sag'),
                         n=sag_n, name=name, max_steps=max_steps, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    policy = getattr(m, 'agent_kw', {}).get('policy')
+    m.fingerprint = producer(base, a, method=name, corpus=corpus, seed=seed, **(
+        dict(max_new_tokens=cot_max_new_tokens) if name.startswith('cot') else dict(max_steps=max_steps, max_new_tokens=max_new_tokens)),
+        **(dict(sag=policy.sampling()) if policy is not None else {}))
     if _lms is None:  # the method owns its model: closing it also stops a llama.cpp server it started
         close = m.close
         def _close():
@@ -394,6 +410,7 @@ def reproduce(profile: str = 'quick',                  # 'quick': every stage on
               batch_size: int = 16):                   # cpu profile: conversations in flight per row
     "Run the pipeline end to end at one scale and print what each stage produced."
     from agent_distillation.retriever import make_retrieve_tool
+    from agent_distillation.teacher import drop_reason
     if profile not in PROFILES: raise ValueError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
     P, t0 = PROFILES[profile], time.time()
     if profile == 'cpu': return reproduce_table(rows, out or P['out'], P['sag_n'], seed, device, batch_size)
@@ -407,10 +424,10 @@ def reproduce(profile: str = 'quick',                  # 'quick': every stage on
     print(f'{retriever!r}\nready in {time.time() - t0:.0f}s', flush=True)
     _banner(2, f'the agent-distilled student ({base} + {adapter}) answers world-test questions')
     lm = load_lm(base, adapter)
-    try: _show_student(lm, make_retrieve_tool(retriever), load_examples('world', P['ask'], seed + 1), 5, 384)
+    try: _show_student(lm, make_retrieve_tool(retriever), load_examples('world', P['ask'], seed, sample_seed=seed + 1), 5, 384)
     finally: _stop_served(lm)
     _banner(3, f"distillation in miniature: {P['train_steps']} LoRA steps of {base} on {P['train_records']} teacher trajectories")
-    recs = [r for r in load_records(str(_repo_root()/'runs/cpu/teacher/agent.jsonl')) if r.get('correct')][:P['train_records']]
+    recs = [r for r in load_records(str(_repo_root()/'runs/cpu/teacher/agent.jsonl')) if drop_reason(r) is None][:P['train_records']]  # kept as training keeps them
     from agent_distillation.core import write_jsonl
     write_jsonl(out/'train_slice.jsonl', recs)
     train(str(out/'train_slice.jsonl'), str(out/'train'), base=base, batch_size=2, max_steps=P['train_steps'], max_len=2048, seed=seed)
@@ -441,6 +458,8 @@ def teacher_method(name: str,                                 # 'cot', 'agent' o
     m = (CoTMethod(lm, name=name, max_new_tokens=cfg.cot_max_new_tokens) if name == 'cot' else
          AgentMethod(lm, lambda: Sandbox(tools=[tool]), student=False, ftp=name == 'agent_ftp', name=name, batch_size=cfg.workers,
                      max_steps=cfg.max_steps, max_new_tokens=cfg.max_new_tokens, step_prefix=cfg.step_prefix))
+    m.fingerprint = producer(model, None, method=name, corpus=corpus, seed=seed, engine='llama-server', max_steps=cfg.max_steps,
+                             max_new_tokens=cfg.cot_max_new_tokens if name == 'cot' else cfg.max_new_tokens, step_prefix=cfg.step_prefix)
     close = m.close
     def _close():
         try: close()
@@ -464,22 +483,20 @@ def table_factories(rows: list[str], sag_n: int = 8, corpus: str = 'world', seed
     return out
 
 def table_settings(rows: list[str], sag_n: int, seed: int, device: str = 'auto', batch_size: int = 16) -> dict:
-    "What produced a table: models and adapter hashes per size, prompts' hash, sampling, retriever, the default engine and machine (each row's own engine is in the table's `timing`)."
+    "What produced a table: base models per size, the teacher, prompts' hash, sampling, retriever, the default engine and machine. Each row's own producer (adapter sha256, sampling) is in the table's `row_settings`, its engine in `timing`."
     import os, platform, torch
-    from agent_distillation.distill import adapter_info
     from agent_distillation.prompts import all_prompts_hash
     from agent_distillation.teacher import TeacherRunConfig, _cpu_model
     sizes = sorted({k.split('/')[0] for k in rows} - {'teacher'})
-    info = lambda a: dict(run=a, **adapter_info(resolve_adapter(a)))
     t = TeacherRunConfig()
-    return dict(students={s: STUDENTS[s] | {k: info(STUDENTS[s][k]) for k in ('agent', 'cot', 'ftp') if STUDENTS[s].get(k)} for s in sizes},
+    return dict(students={s: dict(base=STUDENTS[s]['base']) for s in sizes},
                 teacher=dict(model=t.model, engine='llama-server', max_steps=t.max_steps, max_new_tokens=t.max_new_tokens,
                              cot_max_new_tokens=t.cot_max_new_tokens, step_prefix=t.step_prefix),
                 prompts_hash=all_prompts_hash(), seed=seed, sampling=dict(greedy=True, sag_n=sag_n, sag_temperature=0.4, sag_top_p=0.8),
                 retriever='BM25 over offline Wikipedia + the generated world, top-3', scoring='scoring.is_correct (EM rule for facts, math_equal)',
                 engine={s: _default_engine(STUDENTS[s]['base'], device) for s in sizes}, batch_size=batch_size,
                 machine=dict(cpu=_cpu_model(), cores=os.cpu_count(), torch=torch.__version__, python=platform.python_version()),
-                regenerate='agent-distill reproduce --profile cpu' + (f" --rows {','.join(rows)}" if rows else '')
+                regenerate='agent-distill reproduce --profile cpu'  # one row: add --rows size/method
                            + (f' --device {device}' if device != 'auto' else '') + (f' --batch_size {batch_size}' if batch_size != 16 else ''))
 
 def _default_engine(base: str, device: str) -> str:
@@ -492,15 +509,16 @@ def _default_engine(base: str, device: str) -> str:
 
 # %% ../nbs/12_cli.ipynb #00140b47
 def reproduce_table(rows: str | None = None, out: str = 'runs/cpu', sag_n: int = 8, seed: int = 0, device: str = 'auto',
-                    batch_size: int = 16) -> dict:
+                    batch_size: int = 16,
+                    benchmarks: dict | None = None) -> dict:  # benchmark -> questions (default: `table.TABLE_BENCHMARKS`)
     "The cpu profile: run (or resume) the table's rows on its questions, write `out/table2.json`, print it and the claims."
-    from agent_distillation.table import table_rows, table_questions, run_table, table_frame, check_claims
+    from agent_distillation.table import table_rows, table_questions, run_table, table_frame, check_claims, TABLE_BENCHMARKS
     ftp = tuple(s for s, v in STUDENTS.items() if v.get('ftp'))
     keys = [r.strip() for r in rows.split(',') if r.strip()] if rows else table_rows(tuple(STUDENTS), ftp)
-    t = run_table(table_factories(keys, sag_n, seed=seed, device=device, batch_size=batch_size), table_questions(seed=seed), out,
-                  table_settings(keys, sag_n, seed, device, batch_size))
+    t = run_table(table_factories(keys, sag_n, seed=seed, device=device, batch_size=batch_size),
+                  table_questions(benchmarks or TABLE_BENCHMARKS, seed=seed), out, table_settings(keys, sag_n, seed, device, batch_size))
     print(table_frame(t, with_ci=True).to_string())
-    print(check_claims(t).to_string(index=False))
+    print(check_claims(t, records_dir=out).to_string(index=False))
     return t
 
 # %% ../nbs/12_cli.ipynb #f9b7145c
@@ -557,17 +575,18 @@ def reproduce_paper(cfg: PaperScale,
     from agent_distillation.teacher import generate_all
     todo = [s.strip() for s in stages.split(',') if s.strip()]
     if bad := [s for s in todo if s not in PAPER_STAGES]: raise ValueError(f"unknown stage {bad[0]!r}; choose from {', '.join(PAPER_STAGES)}")
-    if not teacher_url: raise ValueError('the paper profile needs --teacher_url: the OpenAI-compatible server of the teacher '
-                                         '(e.g. `vllm serve Qwen/Qwen2.5-32B-Instruct`), which also judges factual answers')
+    if not teacher_url and {'teacher', 'evaluate'} & set(todo):  # the train stage reads the teacher's files only
+        raise ValueError('the teacher and evaluate stages need --teacher_url: the OpenAI-compatible server of the teacher '
+                         '(e.g. `vllm serve Qwen/Qwen2.5-32B-Instruct`), which also judges factual answers')
     if 'evaluate' in todo and not student_url:
         raise ValueError('the evaluate stage needs --student_url: a server of the student base with its LoRA modules, e.g. '
                          + vllm_serve_command(cfg, cfg.students[0]))
-    out, t0 = Path(cfg.out), time.time()
-    retriever = make_retriever(retriever_url or corpus, seed)  # a URL is probed once: a dead server fails here
-    tool = make_retrieve_tool(retriever, k=3)
-    make_sandbox = lambda: Sandbox(tools=[tool])
-    teacher = OpenAILM(teacher_url, cfg.teacher, tokenizer=cfg.teacher, max_concurrency=cfg.concurrency)
-    tables = {}
+    out, t0, tables = Path(cfg.out), time.time(), {}
+    if {'teacher', 'evaluate'} & set(todo):  # not under `accelerate launch` for the train stage: no index per rank
+        retriever = make_retriever(retriever_url or corpus, seed)  # a URL is probed once: a dead server fails here
+        tool = make_retrieve_tool(retriever, k=3)
+        make_sandbox = lambda: Sandbox(tools=[tool])
+        teacher = OpenAILM(teacher_url, cfg.teacher, tokenizer=cfg.teacher, max_concurrency=cfg.concurrency)
     if 'teacher' in todo:
         qs = (load_benchmark('hotpotqa', 'train', limit=cfg.n_hotpotqa, seed=seed) + load_benchmark('math', 'train', limit=cfg.n_math, seed=seed))
         _banner(1, f'teacher {cfg.teacher}: CoT answers and agent trajectories (without and with FTP) on {len(qs)} training questions')

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
-from .core import Example, append_jsonl, read_jsonl
+from .core import Example, append_jsonl, read_jsonl, load_json, save_json
 from .prompts import cot_messages, first_thought_prefix
 from .retriever import format_hits
 from .scoring import extract_answer, score
@@ -19,13 +19,14 @@ from .rollouts import Task, rollouts
 from .voting import SelfConsistentAction
 
 # %% auto #0
-__all__ = ['ANSWER_FIELDS', 'Method', 'CoTMethod', 'AgentMethod', 'evaluate', 'summarize', 'results_table', 'markdown_table',
-           'plot_results', 'paper_methods']
+__all__ = ['ANSWER_FIELDS', 'Method', 'CoTMethod', 'AgentMethod', 'provenance_path', 'check_provenance', 'evaluate', 'summarize',
+           'results_table', 'markdown_table', 'plot_results', 'paper_methods']
 
 # %% ../nbs/11_evaluate.ipynb #85ea2c1f
 class Method:
     "An answering method: `answer(example) -> dict` with `prediction` and the cost fields of `ANSWER_FIELDS`."
     name: str = 'method'
+    fingerprint: dict | None = None  # what produces its answers (model, adapter sha256, sampling): `evaluate` refuses to mix two
     def answer(self, example: Example) -> dict: raise NotImplementedError
     def answers(self, examples: list):
         "(example, answer, seconds) for each of `examples` as it is answered; one at a time unless a method batches."
@@ -242,6 +243,27 @@ def _scored(method: Method, e: Example, a: dict, secs: float, judge=None) -> dic
     return dict(method=method.name, source=e.source, id=e.id, domain=e.domain, question=e.question, gold=e.answer,
                 **a, **m, wall_s=round(secs, 3))
 
+def provenance_path(out) -> Path:
+    "The sidecar of a records file that says what produced each method's records: `results.jsonl` -> `results.provenance.json`."
+    return Path(out).with_suffix('.provenance.json')
+
+def check_provenance(method: Method, out, done: dict) -> None:
+    """Refuse to resume `out` with a method whose earlier records came from something else (`ValueError` naming both), and
+    record the method's `fingerprint` beside the records the first time. A method without a fingerprint is not checked."""
+    if method.fingerprint is None or out is None: return
+    p = provenance_path(out)
+    prov = load_json(p) if p.exists() else {}
+    old = prov.get(method.name)
+    if old is not None and old != method.fingerprint:
+        diff = {k: (old.get(k), method.fingerprint.get(k)) for k in sorted(set(old) | set(method.fingerprint)) if old.get(k) != method.fingerprint.get(k)}
+        raise ValueError(f"{out}: its {method.name!r} records were made by something else ({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in diff.items())}); "
+                         "write to another file, or move this one away to start the method over")
+    if old is None:
+        if any(k[0] == method.name for k in done):
+            import warnings
+            warnings.warn(f'{out}: {method.name!r} records made before provenance was kept; assuming they came from {method.fingerprint}')
+        save_json(p, prov | {method.name: method.fingerprint})
+
 def _answer_timed(method: Method, e: Example) -> tuple:
     "(example, answer, seconds) of one example answered alone."
     t0 = time.time(); a = method.answer(e)
@@ -255,8 +277,9 @@ def evaluate(method: Method,               # what answers
              judge=None,                   # optional LLM judge for factual answers (`scoring.llm_judge`)
              progress: bool = True         # show a tqdm bar
             ) -> pd.DataFrame:
-    "Run `method` over `examples` and score each answer; one row per example, in the order given."
+    "Run `method` over `examples` and score each answer; one row per example, in the order given. `ValueError` when `out` holds this method's records from another model or adapter (`check_provenance`)."
     done = {_key(r['method'], r['source'], r['id']): r for r in (read_jsonl(out) if out else [])}
+    check_provenance(method, out, done)
     todo = [e for e in examples if _key(method.name, e.source, e.id) not in done]
     lock, new = threading.Lock(), {}
     def keep(e, a, secs):
@@ -285,6 +308,7 @@ def summarize(records  # `evaluate` records (a DataFrame or a list of dicts), on
     row['avg'] = sum(row.values()) / len(row) if row else math.nan
     facts = df[df.domain == 'fact'] if 'domain' in df else df.iloc[:0]
     if len(facts) and 'f1' in facts: row['fact F1'] = 100 * facts['f1'].mean()
+    if len(facts) and 'judge' in facts and facts['judge'].notna().any(): row['fact judge'] = 100 * facts['judge'].mean()  # the paper's rule
     row['n'] = len(df)
     for col, label in _COST.items():
         if col in df: row[label] = float(df[col].mean())

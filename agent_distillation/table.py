@@ -12,9 +12,9 @@ from .evaluate import evaluate
 
 # %% auto #0
 __all__ = ['SIZES', 'STUDENT_METHODS', 'FTP_METHODS', 'TEACHER_METHODS', 'TABLE_BENCHMARKS', 'COSTS', 'PAPER_TABLE2',
-           'table_rows', 'table_questions', 'chance_accuracy', 'chance_baselines', 'wilson_ci', 'cell', 'run_table',
-           'engine_of', 'build_table', 'table_progress', 'table_frame', 'check_claims', 'plot_table',
-           'plot_accuracy_vs_tokens']
+           'table_rows', 'table_questions', 'yes_no_prior', 'chance_accuracy', 'chance_baselines', 'wilson_ci', 'cell',
+           'run_table', 'engine_of', 'build_table', 'table_progress', 'table_frame', 'paired_p', 'check_claims',
+           'plot_table', 'plot_accuracy_vs_tokens']
 
 # %% ../nbs/11b_table.ipynb #2f652a7c
 SIZES = {'135m': 'smollm2-135m-instruct', '0.5b': 'qwen2.5-coder-0.5b-instruct'}  # student size -> base model
@@ -46,13 +46,26 @@ def table_questions(benchmarks: dict = TABLE_BENCHMARKS,  # benchmark -> number 
     return out
 
 # %% ../nbs/11b_table.ipynb #7ca1ca5f
-def chance_accuracy(e: Example) -> float:
-    "Expected accuracy of a uniform guess among the answers the question itself offers (0 when it offers none)."
-    return 0.5 if e.source == 'world' and e.meta.get('type') == 'comparison' else 0.0
+def yes_no_prior(seed: int = 0) -> str:
+    "The majority answer ('yes' or 'no') of the world training split's yes/no questions: what a guess learned from training data says."
+    from agent_distillation.world import make_world_benchmark
+    yn = [e.answer for e in make_world_benchmark(seed).train if e.answer in ('yes', 'no')]
+    return max(('no', 'yes'), key=yn.count)
 
-def chance_baselines(questions: dict[str, list[Example]]) -> dict[str, float]:
-    "Chance accuracy (0..1) per benchmark."
-    return {b: sum(map(chance_accuracy, exs)) / len(exs) for b, exs in questions.items() if exs}
+def chance_accuracy(e: Example,
+                    yes_no: str = 'no'  # the guess for yes/no questions (`yes_no_prior`: the training split's majority)
+                   ) -> float:
+    "Expected accuracy of the best trivial guess: a coin flip between the two candidates a world comparison names, the training prior for a yes/no one, 0 when the question offers nothing to guess from."
+    if e.source != 'world' or e.meta.get('type') != 'comparison': return 0.0
+    if str(e.answer).lower() in ('yes', 'no'): return float(str(e.answer).lower() == yes_no)
+    return 0.5
+
+def chance_baselines(questions: dict[str, list[Example]],
+                     seed: int = 0  # the world's seed (its training split gives the yes/no prior)
+                    ) -> dict[str, float]:
+    "Chance accuracy (0..1) per benchmark: the mean `chance_accuracy` of its questions."
+    yn = yes_no_prior(seed) if any(e.source == 'world' for exs in questions.values() for e in exs) else 'no'
+    return {b: sum(chance_accuracy(e, yn) for e in exs) / len(exs) for b, exs in questions.items() if exs}
 
 # %% ../nbs/11b_table.ipynb #d2d10dc1
 def wilson_ci(k: int, n: int, level: float = 0.95) -> list[float]:
@@ -138,20 +151,30 @@ def build_table(out_dir,                 # the `run_table` folder
                 partial: bool = False,   # skip unfinished rows instead of raising
                 save: bool = True        # write out_dir/table2.json (False: only return the table)
                ) -> dict:
-    "The table from the rows' records: results[row][benchmark] = cell, plus chance baselines and settings; saved atomically."
+    """The table from the rows' records: results[row][benchmark] = cell, plus chance baselines, settings and, per row, what
+    produced its records (`row_settings`: the producer `evaluate` kept beside them, e.g. the adapter's sha256); saved
+    atomically. `settings` is merged into the saved table's (one level deep), so a run of some rows keeps what earlier runs
+    recorded."""
+    from agent_distillation.evaluate import provenance_path
     old = load_json(Path(out_dir)/'table2.json') if (Path(out_dir)/'table2.json').exists() else {}
-    results = {}
+    results, row_settings = {}, {}
     for p in sorted((Path(out_dir)/'table2_records').glob('*.jsonl')):
         key = p.stem.replace('__', '/')
+        if provenance_path(p).exists(): row_settings[key] = load_json(provenance_path(p))
         try: results[key] = _row_cells(read_jsonl(p), questions, key)
         except ValueError:
             if not partial: raise
     rows_timing = old.get('timing', {}) | (timing or {})
     table = dict(results=results, chance=chance_baselines(questions), questions={b: [e.id for e in exs] for b, exs in questions.items()},
-                 settings=settings or old.get('settings', {}), timing=rows_timing,
+                 settings=_merge(old.get('settings', {}), settings or {}), row_settings=row_settings, timing=rows_timing,
                  written=datetime.datetime.now().isoformat(timespec='seconds'))
     if save: save_json(Path(out_dir)/'table2.json', table)
     return table
+
+def _merge(old: dict, new: dict) -> dict:
+    "`old` updated by `new`, dict values merged one level down (settings of two partial runs, e.g. their students' sizes)."
+    return {**old, **{k: ({**old[k], **v} if isinstance(v, dict) and isinstance(old.get(k), dict) else v) for k, v in new.items()}}
+
 
 # %% ../nbs/11b_table.ipynb #a8aa3c86
 def table_progress(out_dir, questions: dict, rows: list[str]) -> pd.DataFrame:
@@ -192,34 +215,56 @@ def _acc(table, key, bench):
     return None if c is None else 100 * c['acc']
 
 def _best_agent(table, size, bench='world'):
-    accs = [a for m in ('agent_distill', 'agent_distill_sag', *FTP_METHODS) if (a := _acc(table, f'{size}/{m}', bench)) is not None]
-    return max(accs) if accs else None
+    "The best agent-distilled row of a size on `bench`: (accuracy %, row key), or (None, None)."
+    accs = [(a, k) for m in ('agent_distill', 'agent_distill_sag', *FTP_METHODS) if (a := _acc(table, k := f'{size}/{m}', bench)) is not None]
+    return max(accs) if accs else (None, None)
 
-def _claim(text, ok, **vals):
-    "One claim's row: its text, the accuracies it compares (%), whether it holds (None when a row is missing)."
+def paired_p(records_dir, a: str, b: str, bench: str, ids=None) -> float | None:
+    """Exact McNemar p-value of rows `a` and `b` on the questions of `bench` both answered (`ids`: only these): a binomial
+    test on the questions one row gets right and the other wrong. None when a row's records are missing."""
+    from scipy.stats import binomtest
+    pa, pb = _records_path(records_dir, a), _records_path(records_dir, b)
+    if not (pa.exists() and pb.exists()): return None
+    A, B = ({str(r['id']): r['acc'] for r in read_jsonl(p) if r['source'] == bench} for p in (pa, pb))
+    keep = set(map(str, ids)) if ids is not None else None
+    shared = [i for i in A if i in B and (keep is None or i in keep)]
+    only_a, only_b = sum(A[i] > B[i] for i in shared), sum(B[i] > A[i] for i in shared)
+    return float(binomtest(only_a, only_a + only_b).pvalue) if only_a + only_b else 1.0
+
+def _claim(text, ok, p=None, **vals):
+    "One claim's row: its text, the accuracies it compares (%), whether it holds (None when a row is missing), the paired p-value."
     known = None not in vals.values()
     measured = ', '.join(f"{k.replace('_', ' ')} {'-' if v is None else f'{v:.1f}'}" for k, v in vals.items())
-    return dict(claim=text, measured=measured, holds=bool(ok()) if known else None)
+    return dict(claim=text, measured=measured, holds=bool(ok()) if known else None, p=p)
 
 # %% ../nbs/11b_table.ipynb #30bbb5e1
-def check_claims(table: dict, sizes=('135m', '0.5b')) -> pd.DataFrame:
-    "The paper's claims at this scale, one row each: the accuracies compared (%) and whether it holds (None: rows missing)."
-    out = []
+def check_claims(table: dict, sizes=('135m', '0.5b'),
+                 records_dir=None  # the `run_table` folder: adds each claim's paired McNemar p-value (its two rows' records)
+                ) -> pd.DataFrame:
+    """The paper's claims at this scale, one row each: the accuracies compared (%), whether the point estimates satisfy it
+    (None: rows missing) and, with `records_dir`, the exact McNemar p-value of the two rows it compares (small: the
+    difference is more than the noise of this many questions). A ratio claim also needs the agent row strictly ahead, so a
+    CoT row at 0 % does not make it hold by itself."""
+    out, qs = [], table.get('questions', {})
+    p = lambda a, b, bench='world': paired_p(records_dir, a, b, bench, qs.get(bench)) if records_dir and a and b else None
     for s in sizes:
-        a, c = _best_agent(table, s), _acc(table, f'{s}/cot_distill', 'world')
-        out.append(_claim(f'{s}: best agent-distilled >= 2x CoT-distilled (world)', lambda: a >= 2 * c, agent=a, cot=c))
-    a, c = _best_agent(table, sizes[0]), _acc(table, f'{sizes[-1]}/cot_distill', 'world')
-    out.append(_claim(f'{sizes[0]} best agent >= {sizes[-1]} CoT-distilled (world)', lambda: a >= c, agent=a, cot=c))
-    a, tc, ta = _best_agent(table, sizes[-1]), _acc(table, 'teacher/cot', 'world'), _acc(table, 'teacher/agent', 'world')
+        (a, ka), c = _best_agent(table, s), _acc(table, f'{s}/cot_distill', 'world')
+        out.append(_claim(f'{s}: best agent-distilled >= 2x CoT-distilled (world)', lambda: a > c and a >= 2 * c,
+                          p(ka, f'{s}/cot_distill'), agent=a, cot=c))
+    (a, ka), c = _best_agent(table, sizes[0]), _acc(table, f'{sizes[-1]}/cot_distill', 'world')
+    out.append(_claim(f'{sizes[0]} best agent >= {sizes[-1]} CoT-distilled (world)', lambda: a >= c,
+                      p(ka, f'{sizes[-1]}/cot_distill'), agent=a, cot=c))
+    (a, ka), tc, ta = _best_agent(table, sizes[-1]), _acc(table, 'teacher/cot', 'world'), _acc(table, 'teacher/agent', 'world')
     out.append(_claim(f'{sizes[-1]} best agent >= teacher CoT and >= 80% of teacher agent (world)',
-                      lambda: a >= tc and a >= 0.8 * ta, agent=a, teacher_cot=tc, teacher_agent=ta))
-    gains = [(g, s) for s in sizes for g in [(lambda x, y: None if None in (x, y) else x - y)(
-        _acc(table, f'{s}/agent_distill_sag', 'world'), _acc(table, f'{s}/agent_distill', 'world'))] if g is not None]
-    best = max(gains)[0] if gains else None
-    out.append(_claim('SAG adds >= 3 points over greedy for some size (world)', lambda: best >= 3, sag_gain=best))
+                      lambda: a >= tc and a >= 0.8 * ta, p(ka, 'teacher/agent'), agent=a, teacher_cot=tc, teacher_agent=ta))
+    gains = [(g, f'{s}/{m}_sag', f'{s}/{m}') for s in sizes for m in ('agent_distill', 'agent_distill_ftp')
+             if (g := (lambda x, y: None if None in (x, y) else x - y)(_acc(table, f'{s}/{m}_sag', 'world'), _acc(table, f'{s}/{m}', 'world'))) is not None]
+    best = max(gains) if gains else (None, None, None)
+    out.append(_claim('SAG adds >= 3 points over greedy for some size (world)', lambda: best[0] >= 3, p(best[1], best[2]), sag_gain=best[0]))
     for s in sizes:
         a, c = _acc(table, f'{s}/agent_distill', 'gsm_hard'), _acc(table, f'{s}/cot_distill', 'gsm_hard')
-        out.append(_claim(f'{s}: agent-distilled > CoT-distilled (GSM-Hard)', lambda: a > c, agent=a, cot=c))
+        out.append(_claim(f'{s}: agent-distilled > CoT-distilled (GSM-Hard)', lambda: a > c,
+                          p(f'{s}/agent_distill', f'{s}/cot_distill', 'gsm_hard'), agent=a, cot=c))
     return pd.DataFrame(out)
 
 # %% ../nbs/11b_table.ipynb #6ec887b0

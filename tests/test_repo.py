@@ -38,7 +38,7 @@ def test_nbdev_export_changes_nothing(tmp_path):
 
 def test_readme_matches_index(tmp_path):
     "README.md is index.ipynb converted to markdown (`make readme`)."
-    subprocess.run([BIN/'jupyter', 'nbconvert', '--to', 'markdown', str(ROOT/'index.ipynb'), '--output-dir', str(tmp_path),
+    subprocess.run([BIN/'jupyter', 'nbconvert', '--config', str(ROOT/'nbs'/'readme_nbconvert.py'), '--to', 'markdown', str(ROOT/'index.ipynb'), '--output-dir', str(tmp_path),
                     '--output', 'README', '--log-level', 'WARN'], check=True, capture_output=True)
     assert (tmp_path/'README.md').read_text() == (ROOT/'README.md').read_text(), 'README.md is stale: run `make readme`'
 
