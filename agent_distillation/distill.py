@@ -14,7 +14,7 @@ from .core import append_jsonl, read_jsonl, write_jsonl, save_json, load_json, s
 from .prompts import TEACHER_SYSTEM, STUDENT_SYSTEM, DEFAULT_IMPORTS, student_system_prompt, cot_messages
 
 # %% auto #0
-__all__ = ['LLAMA3_TEMPLATE', 'MISTRAL_TEMPLATE', 'assistant_spans', 'build_sft_example', 'show_mask', 'synthetic_trajectories', 'to_student_messages', 'build_sft_dataset', 'cot_sft_messages', 'build_cot_dataset', 'collate_padded', 'collate_packed', 'SimilarLengthSampler', 'padding_waste', 'TrainConfig', 'default_lora', 'sft_loss', 'plot_loss', 'TrainResult', 'train_student', 'is_full_run', 'adapter_info', 'check_full_run_base', 'load_student', 'merge_adapter', 'students_report', 'plot_students', 'ACCELERATE_CONFIGS', 'typed_answer', 'sft_examples', 'train_from_jsonl', 'write_run_card', 'main', 'write_accelerate_config', 'bench_batching']
+__all__ = ['LLAMA3_TEMPLATE', 'MISTRAL_TEMPLATE', 'FULL_SHARD_SIZE', 'assistant_spans', 'build_sft_example', 'show_mask', 'synthetic_trajectories', 'to_student_messages', 'build_sft_dataset', 'cot_sft_messages', 'build_cot_dataset', 'collate_padded', 'collate_packed', 'SimilarLengthSampler', 'padding_waste', 'TrainConfig', 'default_lora', 'sft_loss', 'plot_loss', 'TrainResult', 'train_student', 'is_full_run', 'adapter_info', 'check_full_run_base', 'load_student', 'merge_adapter', 'students_report', 'plot_students', 'ACCELERATE_CONFIGS', 'typed_answer', 'sft_examples', 'train_from_jsonl', 'write_run_card', 'main', 'write_accelerate_config', 'bench_batching']
 
 # %% ../nbs/09_distill.ipynb #eb362be6
 def _render(tok, messages, **kw) -> str:
@@ -411,8 +411,9 @@ def _fresh_start(out: Path):
     "Remove a previous run's checkpoints, log and results from `out`."
     for p in out.glob('checkpoint-*'): shutil.rmtree(p)
     for n in ('train_log.jsonl', 'sessions.jsonl', 'settings.json', 'loss.png', 'adapter_config.json', 'adapter_model.safetensors',
-              'model.safetensors', 'config.json', 'generation_config.json'):
+              'model.safetensors', 'model.safetensors.index.json', 'config.json', 'generation_config.json'):
         (out/n).unlink(missing_ok=True)
+    for p in out.glob('model-*-of-*.safetensors'): p.unlink()
 
 # %% ../nbs/09_distill.ipynb #7ab7e1d0
 def _make_trainer(base, data, lora, cfg: TrainConfig, tokenizer=None) -> _SFTTrainer:
@@ -479,12 +480,14 @@ def _save_run(model, base, lora, cfg, data, accum, world, out: Path):
     save_json(out/'settings.json', settings | {'adapter': adapter_info(out)})
     plot_loss(out)
 
-def _save_full(model, base, cfg, out: Path):
-    "A fully fine-tuned run folder: the model (in `cfg.save_dtype`) and the base's tokenizer, loadable as a base model."
+FULL_SHARD_SIZE = '90MB'  # a full fine-tuning run's weights, in files a git host takes (the 135M in bf16: 3 of them)
+
+def _save_full(model, base, cfg, out: Path, max_shard_size: str = FULL_SHARD_SIZE):
+    "A fully fine-tuned run folder: the model (in `cfg.save_dtype`, HF safetensors shards of at most `max_shard_size`) and the base's tokenizer, loadable as a base model."
     from agent_distillation.registry import load_tokenizer
     if cfg.save_dtype: model = model.to(_dtype(cfg.save_dtype))
     model.config.use_cache = True  # trained without the KV cache; generation wants it
-    model.save_pretrained(out, max_shard_size='1000GB'); load_tokenizer(base).save_pretrained(out)  # one file, as `is_full_run` expects
+    model.save_pretrained(out, max_shard_size=max_shard_size); load_tokenizer(base).save_pretrained(out)
 
 def _cast_adapter(path: Path, dtype: str):
     "Rewrite a safetensors adapter with its floating-point tensors in `dtype` (atomically)."
@@ -495,16 +498,30 @@ def _cast_adapter(path: Path, dtype: str):
 
 
 # %% ../nbs/09_distill.ipynb #2c1103f3
+def _weight_files(run_dir) -> list[Path]:
+    "A full fine-tuning run's weight files in order: model.safetensors, or the shards its index names."
+    d = Path(run_dir)
+    if (d/'model.safetensors').exists(): return [d/'model.safetensors']
+    if (d/'model.safetensors.index.json').exists():
+        return [d/f for f in sorted(set(load_json(d/'model.safetensors.index.json')['weight_map'].values()))]
+    return []
+
 def is_full_run(run_dir) -> bool:
-    "Whether a run folder holds a fully fine-tuned model (model.safetensors, no adapter_config.json) rather than a LoRA adapter."
-    return (Path(run_dir)/'model.safetensors').exists() and not (Path(run_dir)/'adapter_config.json').exists()
+    "Whether a run folder holds a fully fine-tuned model (model.safetensors or its shards with their index, no adapter_config.json) rather than a LoRA adapter."
+    return bool(_weight_files(run_dir)) and not (Path(run_dir)/'adapter_config.json').exists()
 
 def adapter_info(run_dir) -> dict:
-    "Size, dtype and sha256 of a run's adapter file (a full fine-tuning run's model file): what evaluation results cite when it is not committed."
+    """Size, dtype and sha256 of a run's adapter file (a full fine-tuning run's weights: of its shards' bytes read in order):
+    what evaluation results cite. `FileNotFoundError` when a shard the index names is missing."""
     from safetensors import safe_open
-    p = Path(run_dir)/('model.safetensors' if is_full_run(run_dir) else 'adapter_model.safetensors')
-    with safe_open(p, 'pt') as f: dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})
-    return dict(file=p.name, bytes=p.stat().st_size, dtype=dtypes, sha256=hashlib.sha256(p.read_bytes()).hexdigest())
+    files = _weight_files(run_dir) if is_full_run(run_dir) else [Path(run_dir)/'adapter_model.safetensors']
+    h, dtypes = hashlib.sha256(), set()
+    for p in files:
+        with safe_open(p, 'pt') as f: dtypes |= {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+        with open(p, 'rb') as f:
+            for chunk in iter(lambda: f.read(1 << 24), b''): h.update(chunk)
+    name = files[0].name if len(files) == 1 else 'model.safetensors.index.json'
+    return dict(file=name, bytes=sum(p.stat().st_size for p in files), dtype=sorted(dtypes), sha256=h.hexdigest())
 
 # %% ../nbs/09_distill.ipynb #81009376
 def check_full_run_base(run_dir, base: str):

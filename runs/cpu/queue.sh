@@ -40,8 +40,10 @@ EV="$AD evaluate --benchmarks world_validation,math_validation --n 1000"
 # LoRA r64 for the 0.5B is @long too: its checkpoint is 423 MB (optimizer.pt alone 282 MB, over what a git host takes
 # in one file), so the r16-vs-r64 check runs on the first teacher run's 196 trajectories (~367 k tokens, about 1 h),
 # against the committed r16 student trained on the same data; the 0.5B model (469 MB) is too big to carry to a lent GPU.
-# Weights that are not committed (full fine-tuning's model.safetensors, the r64 adapter) live only as long as the
-# checkout: a step that uses them (validation, table rows) must finish in the session that trained them.
+# Weights that are not committed (the r64 adapter) live only as long as the checkout: a step that uses them must
+# finish in the session that trained them. A full fine-tuning run's final weights are committed (bf16, 90 MB shards:
+# distill.FULL_SHARD_SIZE), so its validation and table rows can run in later sessions; its training cannot resume
+# across sessions (the float32 checkpoint is 1.6 GB), hence @long.
 STEPS=(
 "teacher-rest|teacher_done runs/cpu/teacher-rest 950|$AD teacher --out_dir runs/cpu/teacher-rest --world_split rest --n_world 750 --math_benchmark math_medium --n_math 200 --n_world_test 0 --modes cot,agent|runs/cpu/teacher-rest"
 "0.5b-agent-grown|trained $S/qwen2.5-coder-0.5b-agent-grown-r16|$TRAIN_FAST $AGENT --base qwen2.5-coder-0.5b-instruct --lora_r 16 --lora_alpha 32 --epochs 2 --save_steps 5 --out_dir $S/qwen2.5-coder-0.5b-agent-grown-r16|$S/qwen2.5-coder-0.5b-agent-grown-r16"
