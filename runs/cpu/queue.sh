@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CPU's heavy jobs for the students (#18) and the table (#16), one at a time, in the issues' order: the grown
-# teacher run, then the 0.5B student on its data (the main student) and its validation, then the teacher on validation.
+# teacher run, then the 0.5B student on its data (the main student), its CoT twin and their validation, then the
+# teacher on validation, the table rows that need no distilled student, then the FTP data and student, then the 135M.
 #
 #   setsid runs/cpu/queue.sh &   # run every unfinished step in order (nice 19), committing outputs every 20 min
 #                                # (its own process group: --pause/--resume/--stop-and-save signal that group)
@@ -48,14 +49,14 @@ STEPS=(
 "teacher-rest|teacher_done runs/cpu/teacher-rest 950|$AD teacher --out_dir runs/cpu/teacher-rest --world_split rest --n_world 750 --math_benchmark math_medium --n_math 200 --n_world_test 0 --modes cot,agent|runs/cpu/teacher-rest"
 "0.5b-agent-grown|trained $S/qwen2.5-coder-0.5b-agent-grown-r16|$TRAIN_FAST $AGENT --base qwen2.5-coder-0.5b-instruct --lora_r 16 --lora_alpha 32 --epochs 2 --save_steps 5 --out_dir $S/qwen2.5-coder-0.5b-agent-grown-r16|$S/qwen2.5-coder-0.5b-agent-grown-r16"
 "0.5b-agent-grown-val|records $V/0.5b-agent-grown-r16.llama-cpp.jsonl 210|$EV --engine llama.cpp --base qwen2.5-coder-0.5b-instruct --methods agent_distill --adapter $S/qwen2.5-coder-0.5b-agent-grown-r16 --cot_adapter none --out $V/0.5b-agent-grown-r16.llama-cpp.jsonl|$V"
-"teacher-validation|records $V/teacher.llama-cpp.jsonl 420|$EV --methods teacher_agent,teacher_cot --out $V/teacher.llama-cpp.jsonl|$V"
 "0.5b-cot-grown|trained $S/qwen2.5-coder-0.5b-cot-grown-r16|$TRAIN $COT --kind cot --base qwen2.5-coder-0.5b-instruct --lora_r 16 --lora_alpha 32 --epochs 2 --save_steps 5 --gradient_checkpointing --out_dir $S/qwen2.5-coder-0.5b-cot-grown-r16|$S/qwen2.5-coder-0.5b-cot-grown-r16"
 "0.5b-cot-grown-val|records $V/0.5b-cot-grown-r16.llama-cpp.jsonl 210|$EV --engine llama.cpp --base qwen2.5-coder-0.5b-instruct --methods cot_distill --adapter none --cot_adapter $S/qwen2.5-coder-0.5b-cot-grown-r16 --out $V/0.5b-cot-grown-r16.llama-cpp.jsonl|$V"
+"teacher-validation|records $V/teacher.llama-cpp.jsonl 420|$EV --methods teacher_agent,teacher_cot --out $V/teacher.llama-cpp.jsonl|$V"
+"table-teacher|rows_done teacher__cot teacher__agent|$AD reproduce --profile cpu --rows teacher/cot,teacher/agent|$T runs/cpu/table2.json"
+"table-prompting|rows_done 0.5b__cot_prompting 0.5b__agent_prompting 135m__cot_prompting 135m__agent_prompting|$AD reproduce --profile cpu --rows 0.5b/cot_prompting,0.5b/agent_prompting,135m/cot_prompting,135m/agent_prompting|$T runs/cpu/table2.json"
 "teacher-rest-ftp|teacher_done runs/cpu/teacher-rest 950 agent_ftp|$AD teacher --out_dir runs/cpu/teacher-rest --world_split rest --n_world 750 --math_benchmark math_medium --n_math 200 --n_world_test 0 --modes cot,agent,agent_ftp|runs/cpu/teacher-rest"
 "0.5b-agent-ftp-grown|trained $S/qwen2.5-coder-0.5b-agent-ftp-grown-r16|$TRAIN_FAST $AGENT_FTP --base qwen2.5-coder-0.5b-instruct --lora_r 16 --lora_alpha 32 --epochs 2 --save_steps 5 --out_dir $S/qwen2.5-coder-0.5b-agent-ftp-grown-r16|$S/qwen2.5-coder-0.5b-agent-ftp-grown-r16"
 "0.5b-agent-ftp-grown-val|records $V/0.5b-agent-ftp-grown-r16.llama-cpp.jsonl 210|$EV --engine llama.cpp --base qwen2.5-coder-0.5b-instruct --methods agent_distill_ftp --adapter none --cot_adapter none --ftp_adapter $S/qwen2.5-coder-0.5b-agent-ftp-grown-r16 --out $V/0.5b-agent-ftp-grown-r16.llama-cpp.jsonl|$V"
-"table-teacher|rows_done teacher__cot teacher__agent|$AD reproduce --profile cpu --rows teacher/cot,teacher/agent|$T runs/cpu/table2.json"
-"table-prompting|rows_done 0.5b__cot_prompting 0.5b__agent_prompting 135m__cot_prompting 135m__agent_prompting|$AD reproduce --profile cpu --rows 0.5b/cot_prompting,0.5b/agent_prompting,135m/cot_prompting,135m/agent_prompting|$T runs/cpu/table2.json"
 "135m-cot-grown|trained $S/smollm2-135m-cot-grown-full|$TRAIN $COT --kind cot --full_finetune --lr 5e-5 --epochs 2 --save_steps 10 --out_dir $S/smollm2-135m-cot-grown-full|$S/smollm2-135m-cot-grown-full"
 "135m-cot-grown-val|records $V/135m-cot-grown-full.transformers.jsonl 210|$EV --engine transformers --base smollm2-135m-instruct --methods cot_distill --adapter none --cot_adapter $S/smollm2-135m-cot-grown-full --out $V/135m-cot-grown-full.transformers.jsonl|$V"
 "0.5b-agent-r64@long|trained $S/qwen2.5-coder-0.5b-agent-r64|$TRAIN_FAST runs/cpu/teacher/agent.jsonl --base qwen2.5-coder-0.5b-instruct --lora_r 64 --lora_alpha 128 --epochs 2 --save_steps 5 --out_dir $S/qwen2.5-coder-0.5b-agent-r64|$S/qwen2.5-coder-0.5b-agent-r64"
