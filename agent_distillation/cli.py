@@ -300,23 +300,25 @@ def make_method(name: str, base: str, adapter: str, cot_adapter: str, corpus: st
     from agent_distillation.evaluate import AgentMethod, CoTMethod
     from agent_distillation.retriever import make_retrieve_tool
     from agent_distillation.sandbox import Sandbox
+    from agent_distillation.voting import SelfConsistentAction  # its defaults are the SAG sampling AgentMethod uses
     if name not in METHODS: raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     if 'ftp' in name and not ftp_adapter: raise ValueError(f"{name} needs an FTP-distilled adapter (--ftp_adapter); this student has none")
     lms = {} if _lms is None else _lms
     lm = lambda a: lms[(base, a)] if (base, a) in lms else lms.setdefault((base, a), load_lm(base, a, engine, batch_size, device))  # each loads once
+    if name.startswith('cot'): a = 'none' if name == 'cot_prompting' else cot_adapter
+    else: a = 'none' if name == 'agent_prompting' else ftp_adapter if 'ftp' in name else adapter
+    sag = name.endswith('sag')
+    fingerprint = producer(base, a, method=name, corpus=corpus, seed=seed, **(  # before any model loads: a bad adapter fails here
+        dict(max_new_tokens=cot_max_new_tokens) if name.startswith('cot') else dict(max_steps=max_steps, max_new_tokens=max_new_tokens)),
+        **(dict(sag=SelfConsistentAction(sag_n).sampling()) if sag else {}))
     if name.startswith('cot'):
-        a = 'none' if name == 'cot_prompting' else cot_adapter
         m = CoTMethod(lm(a), make_retriever(corpus, seed) if name.endswith('rag') else None, name=name, max_new_tokens=cot_max_new_tokens,
                       batch_size=batch_size)
     else:
         tool = make_retrieve_tool(make_retriever(corpus, seed))
-        a = 'none' if name == 'agent_prompting' else ftp_adapter if 'ftp' in name else adapter
-        m = AgentMethod(lm(a), lambda: Sandbox(tools=[tool]), student=name != 'agent_prompting', sag=name.endswith('sag'),
+        m = AgentMethod(lm(a), lambda: Sandbox(tools=[tool]), student=name != 'agent_prompting', sag=sag,
                         n=sag_n, name=name, max_steps=max_steps, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    policy = getattr(m, 'agent_kw', {}).get('policy')
-    m.fingerprint = producer(base, a, method=name, corpus=corpus, seed=seed, **(
-        dict(max_new_tokens=cot_max_new_tokens) if name.startswith('cot') else dict(max_steps=max_steps, max_new_tokens=max_new_tokens)),
-        **(dict(sag=policy.sampling()) if policy is not None else {}))
+    m.fingerprint = fingerprint
     if _lms is None:  # the method owns its model: closing it also stops a llama.cpp server it started
         close = m.close
         def _close():
@@ -496,7 +498,7 @@ def table_settings(rows: list[str], sag_n: int, seed: int, device: str = 'auto',
                 retriever='BM25 over offline Wikipedia + the generated world, top-3', scoring='scoring.is_correct (EM rule for facts, math_equal)',
                 engine={s: _default_engine(STUDENTS[s]['base'], device) for s in sizes}, batch_size=batch_size,
                 machine=dict(cpu=_cpu_model(), cores=os.cpu_count(), torch=torch.__version__, python=platform.python_version()),
-                regenerate='agent-distill reproduce --profile cpu'  # one row: add --rows size/method
+                regenerate='agent-distill reproduce --profile cpu' + (f' --seed {seed}' if seed else '')  # one row: add --rows size/method
                            + (f' --device {device}' if device != 'auto' else '') + (f' --batch_size {batch_size}' if batch_size != 16 else ''))
 
 def _default_engine(base: str, device: str) -> str:
@@ -573,6 +575,7 @@ def reproduce_paper(cfg: PaperScale,
     from agent_distillation.retriever import make_retrieve_tool
     from agent_distillation.sandbox import Sandbox
     from agent_distillation.teacher import generate_all
+    from agent_distillation.distill import adapter_info
     todo = [s.strip() for s in stages.split(',') if s.strip()]
     if bad := [s for s in todo if s not in PAPER_STAGES]: raise ValueError(f"unknown stage {bad[0]!r}; choose from {', '.join(PAPER_STAGES)}")
     if not teacher_url and {'teacher', 'evaluate'} & set(todo):  # the train stage reads the teacher's files only
@@ -608,8 +611,11 @@ def reproduce_paper(cfg: PaperScale,
                                     ftp_student=lm(names['agent-ftp']), n=cfg.sag_n, cot_kw=dict(max_new_tokens=cfg.max_new_tokens),
                                     max_steps=cfg.max_steps, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.concurrency,
                                     sag_temperature=cfg.sag_temperature, sag_top_p=cfg.sag_top_p)
+            adapters = {k: adapter_info(out/'students'/n)['sha256'] for k, n in names.items() if (out/'students'/n).exists()}
             frames = []
             for m in methods:
+                m.fingerprint = dict(student=student, method=m.name, adapters_sha256=adapters, max_steps=cfg.max_steps,
+                                     max_new_tokens=cfg.max_new_tokens, sag=dict(n=cfg.sag_n, temperature=cfg.sag_temperature, top_p=cfg.sag_top_p))
                 try: frames.append(run_eval(m, tests, out=out/'eval'/f"{names['agent'].removesuffix('-agent')}.jsonl", judge=teacher))
                 finally: m.close()
             tables[student] = results_table(*frames)

@@ -507,8 +507,9 @@ def _weight_files(run_dir) -> list[Path]:
     return []
 
 def is_full_run(run_dir) -> bool:
-    "Whether a run folder holds a fully fine-tuned model (model.safetensors or its shards with their index, no adapter_config.json) rather than a LoRA adapter."
-    return bool(_weight_files(run_dir)) and not (Path(run_dir)/'adapter_config.json').exists()
+    "Whether a run folder holds a fully fine-tuned model (model.safetensors, or every shard its index names; no adapter_config.json) rather than a LoRA adapter."
+    files = _weight_files(run_dir)
+    return bool(files) and all(f.exists() for f in files) and not (Path(run_dir)/'adapter_config.json').exists()
 
 def adapter_info(run_dir) -> dict:
     """Size, dtype and sha256 of a run's adapter file (a full fine-tuning run's weights: of its shards' bytes read in order):

@@ -251,18 +251,19 @@ def check_provenance(method: Method, out, done: dict) -> None:
     """Refuse to resume `out` with a method whose earlier records came from something else (`ValueError` naming both), and
     record the method's `fingerprint` beside the records the first time. A method without a fingerprint is not checked."""
     if method.fingerprint is None or out is None: return
+    import json
+    fp = json.loads(json.dumps(method.fingerprint, default=str))  # as it reads back from the file (tuples become lists)
     p = provenance_path(out)
     prov = load_json(p) if p.exists() else {}
-    old = prov.get(method.name)
-    if old is not None and old != method.fingerprint:
-        diff = {k: (old.get(k), method.fingerprint.get(k)) for k in sorted(set(old) | set(method.fingerprint)) if old.get(k) != method.fingerprint.get(k)}
-        raise ValueError(f"{out}: its {method.name!r} records were made by something else ({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in diff.items())}); "
-                         "write to another file, or move this one away to start the method over")
-    if old is None:
-        if any(k[0] == method.name for k in done):
-            import warnings
-            warnings.warn(f'{out}: {method.name!r} records made before provenance was kept; assuming they came from {method.fingerprint}')
-        save_json(p, prov | {method.name: method.fingerprint})
+    old, has_records = prov.get(method.name), any(k[0] == method.name for k in done)
+    if has_records and old is not None and old != fp:
+        diff = {k: (old.get(k), fp.get(k)) for k in sorted(set(old) | set(fp)) if old.get(k) != fp.get(k)}
+        raise ValueError(f"{out}: its {method.name!r} records were made by something else ({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in diff.items())}; "
+                         f"recorded in {p}); write to another file, or move the records file away to start the method over")
+    if has_records and old is None:
+        import warnings
+        warnings.warn(f'{out}: {method.name!r} records made before provenance was kept; assuming they came from {fp}')
+    if old != fp: save_json(p, prov | {method.name: fp})
 
 def _answer_timed(method: Method, e: Example) -> tuple:
     "(example, answer, seconds) of one example answered alone."
@@ -308,7 +309,7 @@ def summarize(records  # `evaluate` records (a DataFrame or a list of dicts), on
     row['avg'] = sum(row.values()) / len(row) if row else math.nan
     facts = df[df.domain == 'fact'] if 'domain' in df else df.iloc[:0]
     if len(facts) and 'f1' in facts: row['fact F1'] = 100 * facts['f1'].mean()
-    if len(facts) and 'judge' in facts and facts['judge'].notna().any(): row['fact judge'] = 100 * facts['judge'].mean()  # the paper's rule
+    if len(facts) and 'judge' in facts and facts['judge'].notna().all(): row['fact judge'] = 100 * facts['judge'].mean()  # the paper's rule, when every fact was judged
     row['n'] = len(df)
     for col, label in _COST.items():
         if col in df: row[label] = float(df[col].mean())

@@ -47,9 +47,11 @@ def table_questions(benchmarks: dict = TABLE_BENCHMARKS,  # benchmark -> number 
 
 # %% ../nbs/11b_table.ipynb #7ca1ca5f
 def yes_no_prior(seed: int = 0) -> str:
-    "The majority answer ('yes' or 'no') of the world training split's yes/no questions: what a guess learned from training data says."
+    "The majority answer ('yes' or 'no') of the world training split's yes/no questions, validation questions left out: what a guess learned from training data says."
+    from agent_distillation.teacher import world_train_splits
+    val = {e.id for e in world_train_splits(seed)['validation']}
     from agent_distillation.world import make_world_benchmark
-    yn = [e.answer for e in make_world_benchmark(seed).train if e.answer in ('yes', 'no')]
+    yn = [str(e.answer).lower() for e in make_world_benchmark(seed).train if e.id not in val and str(e.answer).lower() in ('yes', 'no')]
     return max(('no', 'yes'), key=yn.count)
 
 def chance_accuracy(e: Example,
@@ -111,7 +113,9 @@ def run_table(rows: dict,                # row key 'size/method' -> () -> Method
             engine = engine_of(method)
         if len(read_jsonl(path)) > before:  # a row already finished keeps the timing and engine of the run that answered it
             timing[key] = dict(started=start, wall_s=round(time.time() - t0, 1), engine=engine)
-    return build_table(out_dir, questions, settings, timing)
+    table = build_table(out_dir, questions, settings, timing, partial=True)  # other rows may be mid-way (another machine's)
+    if missing := [k for k in rows if k not in table['results']]: raise RuntimeError(f'rows {missing} did not answer every question')
+    return table
 
 def engine_of(method) -> str:
     "What answers for a method: the in-process model's class, dtype and device, or the served model's name and URL."
@@ -152,9 +156,10 @@ def build_table(out_dir,                 # the `run_table` folder
                 save: bool = True        # write out_dir/table2.json (False: only return the table)
                ) -> dict:
     """The table from the rows' records: results[row][benchmark] = cell, plus chance baselines, settings and, per row, what
-    produced its records (`row_settings`: the producer `evaluate` kept beside them, e.g. the adapter's sha256); saved
-    atomically. `settings` is merged into the saved table's (one level deep), so a run of some rows keeps what earlier runs
-    recorded."""
+    produced its records (`row_settings`: the producer `evaluate` kept beside them, e.g. the adapter's sha256) and when and
+    where it ran (`timing`: the last run's start, wall time and engine, and every engine that answered part of it); saved
+    atomically. `settings` is merged into the saved table's one level deep: keys a run does not give (another size's base
+    model) stay, keys it gives (machine, batch size, regenerate) are the last run's."""
     from agent_distillation.evaluate import provenance_path
     old = load_json(Path(out_dir)/'table2.json') if (Path(out_dir)/'table2.json').exists() else {}
     results, row_settings = {}, {}
@@ -164,9 +169,13 @@ def build_table(out_dir,                 # the `run_table` folder
         try: results[key] = _row_cells(read_jsonl(p), questions, key)
         except ValueError:
             if not partial: raise
-    rows_timing = old.get('timing', {}) | (timing or {})
-    table = dict(results=results, chance=chance_baselines(questions), questions={b: [e.id for e in exs] for b, exs in questions.items()},
-                 settings=_merge(old.get('settings', {}), settings or {}), row_settings=row_settings, timing=rows_timing,
+    rows_timing = dict(old.get('timing', {}))
+    for k, t in (timing or {}).items():  # a row answered in several runs: each engine that answered part of it is listed
+        engines = [e for e in [*rows_timing.get(k, {}).get('engines', [rows_timing.get(k, {}).get('engine')]), t['engine']] if e]
+        rows_timing[k] = t | dict(engines=list(dict.fromkeys(engines)))
+    merged = _merge(old.get('settings', {}), settings or {})
+    table = dict(results=results, chance=chance_baselines(questions, merged.get('seed', 0)), questions={b: [e.id for e in exs] for b, exs in questions.items()},
+                 settings=merged, row_settings=row_settings, timing=rows_timing,
                  written=datetime.datetime.now().isoformat(timespec='seconds'))
     if save: save_json(Path(out_dir)/'table2.json', table)
     return table
@@ -221,13 +230,14 @@ def _best_agent(table, size, bench='world'):
 
 def paired_p(records_dir, a: str, b: str, bench: str, ids=None) -> float | None:
     """Exact McNemar p-value of rows `a` and `b` on the questions of `bench` both answered (`ids`: only these): a binomial
-    test on the questions one row gets right and the other wrong. None when a row's records are missing."""
+    test on the questions one row gets right and the other wrong. None when a row's records are missing or share no question."""
     from scipy.stats import binomtest
     pa, pb = _records_path(records_dir, a), _records_path(records_dir, b)
     if not (pa.exists() and pb.exists()): return None
     A, B = ({str(r['id']): r['acc'] for r in read_jsonl(p) if r['source'] == bench} for p in (pa, pb))
     keep = set(map(str, ids)) if ids is not None else None
     shared = [i for i in A if i in B and (keep is None or i in keep)]
+    if not shared: return None  # no question both rows answered on this benchmark
     only_a, only_b = sum(A[i] > B[i] for i in shared), sum(B[i] > A[i] for i in shared)
     return float(binomtest(only_a, only_a + only_b).pvalue) if only_a + only_b else 1.0
 
@@ -243,8 +253,7 @@ def check_claims(table: dict, sizes=('135m', '0.5b'),
                 ) -> pd.DataFrame:
     """The paper's claims at this scale, one row each: the accuracies compared (%), whether the point estimates satisfy it
     (None: rows missing) and, with `records_dir`, the exact McNemar p-value of the two rows it compares (small: the
-    difference is more than the noise of this many questions). A ratio claim also needs the agent row strictly ahead, so a
-    CoT row at 0 % does not make it hold by itself."""
+    difference is more than the noise of this many questions). An agent row at 0 % never makes a claim hold (0 >= 2 x 0)."""
     out, qs = [], table.get('questions', {})
     p = lambda a, b, bench='world': paired_p(records_dir, a, b, bench, qs.get(bench)) if records_dir and a and b else None
     for s in sizes:
@@ -252,11 +261,11 @@ def check_claims(table: dict, sizes=('135m', '0.5b'),
         out.append(_claim(f'{s}: best agent-distilled >= 2x CoT-distilled (world)', lambda: a > c and a >= 2 * c,
                           p(ka, f'{s}/cot_distill'), agent=a, cot=c))
     (a, ka), c = _best_agent(table, sizes[0]), _acc(table, f'{sizes[-1]}/cot_distill', 'world')
-    out.append(_claim(f'{sizes[0]} best agent >= {sizes[-1]} CoT-distilled (world)', lambda: a >= c,
+    out.append(_claim(f'{sizes[0]} best agent >= {sizes[-1]} CoT-distilled (world)', lambda: a > 0 and a >= c,
                       p(ka, f'{sizes[-1]}/cot_distill'), agent=a, cot=c))
     (a, ka), tc, ta = _best_agent(table, sizes[-1]), _acc(table, 'teacher/cot', 'world'), _acc(table, 'teacher/agent', 'world')
     out.append(_claim(f'{sizes[-1]} best agent >= teacher CoT and >= 80% of teacher agent (world)',
-                      lambda: a >= tc and a >= 0.8 * ta, p(ka, 'teacher/agent'), agent=a, teacher_cot=tc, teacher_agent=ta))
+                      lambda: a > 0 and a >= tc and a >= 0.8 * ta, p(ka, 'teacher/agent'), agent=a, teacher_cot=tc, teacher_agent=ta))
     gains = [(g, f'{s}/{m}_sag', f'{s}/{m}') for s in sizes for m in ('agent_distill', 'agent_distill_ftp')
              if (g := (lambda x, y: None if None in (x, y) else x - y)(_acc(table, f'{s}/{m}_sag', 'world'), _acc(table, f'{s}/{m}', 'world'))) is not None]
     best = max(gains) if gains else (None, None, None)
