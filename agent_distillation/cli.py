@@ -269,15 +269,16 @@ def load_examples(name: str,   # 'world', 'world_validation', 'math_validation',
     import random
     from agent_distillation.data import load_benchmark
     from agent_distillation.teacher import world_train_splits, math_validation
+    pick = seed if sample_seed is None else sample_seed
     if name == 'world':
         from agent_distillation.world import make_world_benchmark
         exs = make_world_benchmark(seed).test
     elif name == 'world_validation': exs = world_train_splits(seed)['validation']
     elif name == 'math_validation': exs = math_validation(seed)
     else:
-        try: return load_benchmark(name, limit=n, seed=seed if sample_seed is None else sample_seed)
+        try: return load_benchmark(name, limit=n, seed=pick)
         except KeyError as e: raise ValueError(f"{e.args[0]} (or world, world_validation, math_validation)") from None
-    return exs if n is None or n >= len(exs) else random.Random(seed if sample_seed is None else sample_seed).sample(exs, n)
+    return exs if n is None or n >= len(exs) else random.Random(pick).sample(exs, n)
 
 # %% ../nbs/12_cli.ipynb #1795dc26
 METHODS = ('cot_prompting', 'cot_distill', 'cot_distill_rag', 'agent_prompting', 'agent_distill', 'agent_distill_sag',

@@ -4,7 +4,7 @@
 
 # %% ../nbs/11b_table.ipynb #8a57562a
 from __future__ import annotations
-import math, random, datetime, time
+import functools, math, random, datetime, time
 from pathlib import Path
 import pandas as pd
 from .core import Example, read_jsonl, save_json, load_json
@@ -46,11 +46,12 @@ def table_questions(benchmarks: dict = TABLE_BENCHMARKS,  # benchmark -> number 
     return out
 
 # %% ../nbs/11b_table.ipynb #7ca1ca5f
+@functools.lru_cache(maxsize=None)  # every `build_table` asks; the world is generated once per seed
 def yes_no_prior(seed: int = 0) -> str:
     "The majority answer ('yes' or 'no') of the world training split's yes/no questions, validation questions left out: what a guess learned from training data says."
     from agent_distillation.teacher import world_train_splits
-    val = {e.id for e in world_train_splits(seed)['validation']}
     from agent_distillation.world import make_world_benchmark
+    val = {e.id for e in world_train_splits(seed)['validation']}
     yn = [str(e.answer).lower() for e in make_world_benchmark(seed).train if e.id not in val and str(e.answer).lower() in ('yes', 'no')]
     return max(('no', 'yes'), key=yn.count)
 
